@@ -1,0 +1,45 @@
+"""The shared command line of every training entry point (pretrain, sft, dpo)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn
+
+from trainer.config import ConfigError
+from trainer.loop import NonFiniteLossError
+
+
+def run_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="Overrides are dotted keys, applied after the YAML: train.max_steps=200 optim.lr=1e-3",
+    )
+    parser.add_argument("--config", help="recipe YAML (configs/*.yaml); defaults apply where it is silent")
+    parser.add_argument(
+        "--resume", default=None,
+        help="'auto': continue from the newest complete checkpoint in train.output_dir (fresh start if none); "
+             "or a checkpoint folder",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def guarded(main: Callable[[], int | None]) -> int:
+    """Expected failures (bad config, missing files, mismatched tokenizer) end in a clean message."""
+    try:
+        return main() or 0
+    except ConfigError as err:
+        lines = str(err).splitlines()
+        print(f"error: {len(lines)} problem(s) in the configuration:", file=sys.stderr)
+        for line in lines:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        fail(str(err), code=3)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err).splitlines()[0] if str(err) else type(err).__name__)

@@ -1,0 +1,252 @@
+"""The one training loop. Pretraining, SFT and DPO differ only in the objective and the batches.
+
+    for step: accumulate micro-batches (forward, loss, backward) -> clip -> optimizer step
+              -> schedule -> global metrics -> validate -> checkpoint -> honour stop signals
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.config import RunConfig
+from trainer.metrics import RunLogger, device_peak_tflops
+from trainer.objectives import Objective
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.signals import StopRequest
+
+
+class StatefulLoader(Protocol):
+    def __iter__(self): ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    loader: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    state: TrainState
+    stopped_by_signal: str | None
+    final_checkpoint: Path | None
+    last_eval: dict[str, float]
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _global_sum(accelerator: Accelerator, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sum summable statistics over ranks in one collective."""
+    if not stats:
+        return {}
+    keys = sorted(stats)
+    packed = torch.stack([stats[k].detach().float().reshape(()) for k in keys]).to(accelerator.device)
+    packed = accelerator.reduce(packed, reduction="sum")
+    return dict(zip(keys, packed.tolist()))
+
+
+def _all_ranks_true(accelerator: Accelerator, flag: bool) -> bool:
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() == accelerator.num_processes)
+
+
+def _any_rank_true(accelerator: Accelerator, flag: bool) -> bool:
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def summarize(totals: dict[str, float]) -> dict[str, float]:
+    """Turn summed statistics into means: `x_sum`/`tokens` for token-weighted ones, `x_sum`/`count` otherwise."""
+    out = {}
+    for key, value in totals.items():
+        if key.endswith("_sum"):
+            name = key.removesuffix("_sum")
+            denom = totals.get("tokens") if name == "loss" and "tokens" in totals else totals.get("count")
+            if denom is None:
+                denom = totals.get("tokens", 1.0)
+            out[name] = value / max(denom, 1e-12)
+    if "tokens" in totals:
+        out["target_tokens"] = totals["tokens"]
+    return out
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: nn.Module, objective: Objective,
+             batches: Iterable[dict[str, torch.Tensor]], max_batches: int) -> dict[str, float]:
+    """Global validation figures; every rank must take part (ZeRO-3 gathers weights per forward)."""
+    model.eval()
+    totals: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        if i >= max_batches:
+            break
+        _, stats = objective(model, _to_device(batch, accelerator.device))
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0) + v.detach().float()
+    model.train()
+    result = summarize(_global_sum(accelerator, totals))
+    if "loss" in result:
+        result["perplexity"] = math.exp(min(result["loss"], 50.0))
+    return result
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    accelerator: Accelerator,
+    model: nn.Module,
+    objective: Objective,
+    train_loader: StatefulLoader,
+    val_batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None,
+    flops_per_token: float | None = None,
+    precision: str = "fp32",
+    resume_from: str | Path | None = None,
+) -> RunResult:
+    """Run `cfg.train.max_steps` optimizer steps of `objective` over `train_loader`.
+
+    `val_batches` returns a fresh iterable of validation batches each time it is called.
+    `flops_per_token` (training FLOPs, 6N + attention) turns throughput into MFU.
+    """
+    tcfg, out_dir = cfg.train, Path(cfg.train.output_dir)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
+    # Accelerate's DeepSpeed wrapper makes scheduler.step() a no-op and DeepSpeed only steps its own
+    # schedule types, so the loop steps the raw LambdaLR itself once per optimizer step.
+    raw_scheduler = scheduler
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    state = TrainState()
+    if resume_from is not None:
+        state = TrainState(**load_checkpoint(accelerator, resume_from))
+        train_loader.load_state_dict(state.loader)
+
+    logger = RunLogger(out_dir, enabled=accelerator.is_main_process, max_steps=tcfg.max_steps,
+                       start_step=state.step, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+    if resume_from is not None:
+        logger.print(f"resumed from {resume_from} at step {state.step}")
+    peak_tflops = device_peak_tflops(precision)
+    config_yaml = cfg.to_yaml()
+
+    def checkpoint() -> Path:
+        state.loader = train_loader.state_dict()
+        return save_checkpoint(accelerator, out_dir, state.step, asdict(state), config_yaml, cfg.checkpoint.keep_last)
+
+    batches = iter(train_loader)
+    last_eval: dict[str, float] = {}
+    final_checkpoint = None
+    stop_signal = None
+    model.train()
+    with StopRequest() as stop:
+        while state.step < tcfg.max_steps:
+            step_start = time.perf_counter()
+            data_time = 0.0
+            totals: dict[str, torch.Tensor] = {}
+            finite_micro = 0
+            input_tokens = 0
+            grad_norm = None
+            for micro in range(tcfg.grad_accum_steps):
+                t = time.perf_counter()
+                batch = _to_device(next(batches), accelerator.device)
+                data_time += time.perf_counter() - t
+                input_tokens += batch["input_ids"].numel()
+                with accelerator.accumulate(model):
+                    loss, stats = objective(model, batch)
+                    finite = _all_ranks_true(accelerator, bool(torch.isfinite(loss.detach()).all()))
+                    if finite or precision == "fp16":
+                        # fp16: the loss scaler owns overflow handling and skips the step itself.
+                        finite_micro += 1
+                        for k, v in stats.items():
+                            totals[k] = totals.get(k, 0) + v.detach().float()
+                    else:
+                        # Backpropagate a zero so DeepSpeed's micro-step bookkeeping stays aligned.
+                        loss = torch.zeros((), device=accelerator.device, requires_grad=True)
+                    last_micro = micro == tcfg.grad_accum_steps - 1
+                    if last_micro and finite_micro == 0:
+                        # A step with no finite micro-batch must not move the weights.
+                        for group in optimizer.param_groups:
+                            group["lr"] = 0.0
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        max_norm = cfg.optim.grad_clip or float("inf")
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            lr = raw_scheduler.get_last_lr()[0]
+            raw_scheduler.step()
+            state.step += 1
+            global_tokens = int(_global_sum(accelerator, {"n": torch.tensor(float(input_tokens))})["n"])
+            state.tokens_seen += global_tokens
+
+            if finite_micro == 0:
+                state.nonfinite_in_a_row += 1
+                state.nonfinite_total += 1
+                logger.print(f"step {state.step}: non-finite loss on every micro-batch, update skipped "
+                             f"({state.nonfinite_in_a_row} in a row)")
+                if state.nonfinite_in_a_row >= tcfg.max_nonfinite_steps:
+                    logger.close()
+                    raise NonFiniteLossError(
+                        f"stopped at step {state.step}: {state.nonfinite_in_a_row} non-finite steps in a row "
+                        f"(train.max_nonfinite_steps={tcfg.max_nonfinite_steps}); the last good checkpoint in "
+                        f"{out_dir / 'checkpoints'} is intact")
+            else:
+                state.nonfinite_in_a_row = 0
+
+            if state.step % cfg.logging.log_every == 0 or state.step == tcfg.max_steps:
+                step_time = time.perf_counter() - step_start
+                metrics = summarize(_global_sum(accelerator, totals)) if totals else {"loss": float("nan")}
+                if torch.is_tensor(grad_norm):
+                    grad_norm = grad_norm.item()
+                tokens_per_s = global_tokens / step_time
+                metrics.update(
+                    lr=lr,
+                    grad_norm=float(grad_norm) if grad_norm is not None else None,
+                    tokens_per_s=tokens_per_s,
+                    tokens_seen=state.tokens_seen,
+                    step_time_s=step_time,
+                    data_time_share=data_time / step_time,
+                    nonfinite_total=state.nonfinite_total,
+                    world_size=accelerator.num_processes,
+                )
+                if flops_per_token and peak_tflops:
+                    metrics["mfu"] = flops_per_token * tokens_per_s / (peak_tflops * 1e12 * accelerator.num_processes)
+                if torch.cuda.is_available():
+                    metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                logger.log(state.step, metrics)
+
+            done = state.step == tcfg.max_steps
+            if val_batches is not None and (done or (tcfg.eval_every and state.step % tcfg.eval_every == 0)):
+                last_eval = evaluate(accelerator, model, objective, val_batches(), tcfg.eval_batches)
+                logger.log(state.step, last_eval, split="val")
+
+            stop_now = _any_rank_true(accelerator, stop.received is not None)
+            every = cfg.checkpoint.every
+            if done or stop_now or (every and state.step % every == 0):
+                final_checkpoint = checkpoint()
+            if stop_now and not done:
+                stop_signal = stop.name or "signal on another rank"
+                logger.print(f"{stop_signal}: checkpoint saved at step {state.step} ({final_checkpoint}); exiting")
+                break
+
+    logger.close()
+    if stop_signal is None and accelerator.is_main_process:
+        (out_dir / "COMPLETED").write_text(f"step {state.step}\n")
+    accelerator.wait_for_everyone()
+    return RunResult(state=state, stopped_by_signal=stop_signal, final_checkpoint=final_checkpoint, last_eval=last_eval)
