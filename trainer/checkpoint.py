@@ -17,6 +17,7 @@ from accelerate import Accelerator
 
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
+MODEL_CONFIG_FILE = "model_config.json"
 _PREFIX = "step_"
 
 
@@ -70,6 +71,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config_yaml: str,
     keep_last: int,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Every rank calls this; DeepSpeed writes each rank's shards into the shared temp folder."""
     root = checkpoints_root(output_dir)
@@ -84,6 +86,8 @@ def save_checkpoint(
     if accelerator.is_main_process:
         _fsync_write(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
         _fsync_write(tmp / "config.yaml", config_yaml)
+        for name, text in (extra_files or {}).items():
+            _fsync_write(tmp / name, text)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -75,6 +75,7 @@ class TrainSection(Section):
     compile: bool = Field(False, description="torch.compile the model")
     eval_every: int = Field(0, ge=0, description="validate every N steps; 0 = only at the end")
     eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank")
+    eval_at_start: bool = Field(False, description="also validate before the first step (a baseline figure)")
     max_nonfinite_steps: int = Field(5, gt=0, description="stop after this many non-finite steps in a row")
 
 

@@ -44,6 +44,10 @@ class TrainState:
 
 @dataclass
 class RunResult:
+    """What a run leaves for its entry point: e.g. SFT saves adapters from `model` after training."""
+
+    accelerator: Accelerator
+    model: nn.Module  # as prepared by Accelerate (a DeepSpeed engine under ZeRO)
     state: TrainState
     stopped_by_signal: str | None
     final_checkpoint: Path | None
@@ -119,11 +123,13 @@ def train(
     flops_per_token: float | None = None,
     precision: str = "fp32",
     resume_from: str | Path | None = None,
+    checkpoint_files: dict[str, str] | None = None,
 ) -> RunResult:
     """Run `cfg.train.max_steps` optimizer steps of `objective` over `train_loader`.
 
     `val_batches` returns a fresh iterable of validation batches each time it is called.
     `flops_per_token` (training FLOPs, 6N + attention) turns throughput into MFU.
+    `checkpoint_files` (name -> text) are written into every checkpoint, e.g. the model's own config.
     """
     tcfg, out_dir = cfg.train, Path(cfg.train.output_dir)
     optimizer = build_optimizer(model, cfg.optim)
@@ -147,10 +153,14 @@ def train(
 
     def checkpoint() -> Path:
         state.loader = train_loader.state_dict()
-        return save_checkpoint(accelerator, out_dir, state.step, asdict(state), config_yaml, cfg.checkpoint.keep_last)
+        return save_checkpoint(accelerator, out_dir, state.step, asdict(state), config_yaml,
+                               cfg.checkpoint.keep_last, extra_files=checkpoint_files)
 
     batches = iter(train_loader)
     last_eval: dict[str, float] = {}
+    if val_batches is not None and tcfg.eval_at_start and state.step == 0:
+        last_eval = evaluate(accelerator, model, objective, val_batches(), tcfg.eval_batches)
+        logger.log(0, last_eval, split="val")
     final_checkpoint = None
     stop_signal = None
     model.train()
@@ -249,4 +259,4 @@ def train(
     if stop_signal is None and accelerator.is_main_process:
         (out_dir / "COMPLETED").write_text(f"step {state.step}\n")
     accelerator.wait_for_everyone()
-    return RunResult(state=state, stopped_by_signal=stop_signal, final_checkpoint=final_checkpoint, last_eval=last_eval)
+    return RunResult(accelerator=accelerator, model=model, state=state, stopped_by_signal=stop_signal, final_checkpoint=final_checkpoint, last_eval=last_eval)

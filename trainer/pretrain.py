@@ -1,13 +1,14 @@
 """Pretraining: packed token shards + the causal-LM objective, through the one loop."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from accelerate.utils import set_seed
 
 from model_defs import flops_per_token
 from trainer.build import build_model, model_config_from
-from trainer.checkpoint import resolve_resume
+from trainer.checkpoint import MODEL_CONFIG_FILE, resolve_resume
 from trainer.config import ConfigError, RunConfig, save_resolved
 from trainer.engine import build_accelerator, resolve_precision
 from trainer.loop import RunResult, train
@@ -23,8 +24,8 @@ def run_pretraining(cfg: RunConfig, resume: str | None = None) -> RunResult:
     if not (data_dir / "train").is_dir():
         raise FileNotFoundError(f"data.path: {data_dir}/train not found (expected prepare_data output)")
     precision = resolve_precision(cfg.train.precision)
-    model_cfg = model_config_from(cfg)
     train_shards = TokenShards(data_dir / "train")
+    model_cfg = model_config_from(cfg, data_vocab_size=train_shards.vocab_size)
     # Before any process group or model exists: a mismatched tokenizer must cost nothing.
     check_tokenizer_matches(train_shards, cfg.data.tokenizer, model_vocab_size=model_cfg.vocab_size)
     val_dir = data_dir / "val"
@@ -50,7 +51,8 @@ def run_pretraining(cfg: RunConfig, resume: str | None = None) -> RunResult:
 
     def val_batches():
         return iter(PretrainLoader(val_shards, batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
-                                   seed=cfg.train.seed, rank=rank, world_size=world, shuffle=False))
+                                   seed=cfg.train.seed, rank=rank, world_size=world, shuffle=False,
+                                   infinite=False))
 
     return train(
         cfg,
@@ -62,4 +64,5 @@ def run_pretraining(cfg: RunConfig, resume: str | None = None) -> RunResult:
         flops_per_token=flops_per_token(model_cfg, cfg.data.seq_len),
         precision=precision,
         resume_from=resume_from,
+        checkpoint_files={MODEL_CONFIG_FILE: json.dumps(model_cfg.to_dict(), indent=2)},
     )

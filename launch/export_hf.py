@@ -1,0 +1,33 @@
+"""Export a training checkpoint (ZeRO shards or plain) as an HF Llama folder that transformers loads.
+
+    python launch/export_hf.py runs/demo/pretrain/checkpoints/step_00000300 exported/demo [--dtype bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from trainer.cli import guarded
+from trainer.export import export_checkpoint
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a checkpoint folder (OUTPUT/checkpoints/step_XXXXXXXX)")
+    parser.add_argument("out", help="output folder (replaced atomically)")
+    parser.add_argument("--tokenizer", help="tokenizer folder to include (default: the run's data.tokenizer)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: fp32)")
+    parser.add_argument("--max-shard-size", default=None, help='split safetensors, e.g. "2GB"')
+    args = parser.parse_args()
+    out = export_checkpoint(args.checkpoint, args.out, tokenizer_dir=args.tokenizer,
+                            dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size)
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(guarded(main))

@@ -1,0 +1,133 @@
+"""From a training checkpoint (ZeRO shards or a plain state) to one model: in memory or as an HF folder."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from model_defs import ModelConfig, Transformer
+from model_defs.hf import config_from_hf, load_hf_model, save_hf_model
+from trainer.checkpoint import COMPLETE_MARKER, MODEL_CONFIG_FILE
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja")
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / COMPLETE_MARKER).is_file()
+
+
+def checkpoint_model_config(checkpoint: str | Path) -> ModelConfig:
+    path = Path(checkpoint) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a checkpoint written by this trainer")
+    return ModelConfig.from_dict(json.loads(path.read_text()))
+
+
+def consolidated_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of the first model in a checkpoint, gathering ZeRO-2/3 shards when present."""
+    checkpoint = Path(checkpoint)
+    if not is_checkpoint(checkpoint):
+        raise ValueError(f"{checkpoint}: not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+    if (checkpoint / "latest").is_file():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        tag = (checkpoint / "latest").read_text().strip()
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
+    elif (checkpoint / "model.safetensors").is_file():
+        state = load_file(checkpoint / "model.safetensors")
+    elif (checkpoint / "pytorch_model.bin").is_file():
+        state = torch.load(checkpoint / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{checkpoint}: no model weights found (ZeRO shards or model.safetensors)")
+    # A compiled model saves its weights under `_orig_mod.`; the module itself is the same.
+    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def resolve_model_source(path: str | Path) -> Path:
+    """A run folder (holding `checkpoints/`) stands for its newest complete checkpoint; anything else is itself."""
+    from trainer.checkpoint import complete_checkpoints
+
+    path = Path(path)
+    if not is_checkpoint(path) and (path / "checkpoints").is_dir():
+        done = complete_checkpoints(path)
+        if not done:
+            raise FileNotFoundError(f"{path}: run folder has no complete checkpoint")
+        return done[-1]
+    return path
+
+
+def source_model_config(path: str | Path, **overrides) -> ModelConfig:
+    """The ModelConfig of one of our checkpoints (or a run folder's newest) or of a local HF Llama folder."""
+    path = resolve_model_source(path)
+    if is_checkpoint(path):
+        return ModelConfig.from_dict({**checkpoint_model_config(path).to_dict(), **overrides})
+    config_json = path / "config.json"
+    if not config_json.is_file():
+        raise FileNotFoundError(f"{path}: neither a checkpoint of ours nor an HF model folder (no config.json)")
+    try:
+        return config_from_hf(json.loads(config_json.read_text()), **overrides)
+    except ValueError as err:
+        raise ValueError(f"{config_json}: {err}") from None
+
+
+def load_pretrained(path: str | Path, **overrides) -> Transformer:
+    """Our Transformer with the weights of one of our checkpoints (or a run folder's newest) or of a local HF Llama folder."""
+    path = resolve_model_source(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model folder")
+    if not is_checkpoint(path):
+        return load_hf_model(path, **overrides)
+    cfg = source_model_config(path, **overrides)
+    model = Transformer(cfg)
+    model.load_state_dict(consolidated_state_dict(path), strict=True)
+    return model
+
+
+def checkpoint_tokenizer_dir(checkpoint: str | Path) -> Path | None:
+    """The tokenizer the run trained with, as recorded in the checkpoint's resolved config."""
+    config = Path(checkpoint) / "config.yaml"
+    if not config.is_file():
+        return None
+    tokenizer = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("tokenizer")
+    return Path(tokenizer) if tokenizer else None
+
+
+def copy_tokenizer(tokenizer_dir: str | Path, out_dir: str | Path) -> None:
+    tokenizer_dir = Path(tokenizer_dir)
+    if not tokenizer_dir.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} not found")
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, Path(out_dir) / name)
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                      dtype: torch.dtype | None = None, max_shard_size: str | None = None) -> Path:
+    """Consolidate a checkpoint into an HF Llama folder (safetensors + config + tokenizer).
+
+    Written next to `out_dir` first and renamed into place, so a failure leaves nothing half-written.
+    """
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    cfg = checkpoint_model_config(checkpoint)
+    state = consolidated_state_dict(checkpoint)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    tokenizer_dir = tokenizer_dir or checkpoint_tokenizer_dir(checkpoint)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        save_hf_model(state, cfg, staging / "model", max_shard_size=max_shard_size)
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, staging / "model")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        (staging / "model").rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
