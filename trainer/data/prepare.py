@@ -16,7 +16,6 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -96,10 +95,9 @@ def _write_split(tokens: datasets.Dataset, folder: Path, meta: dict, dtype: np.d
     writer = _ShardWriter(folder, dtype, shard_tokens)
     task = progress.add_task(f"Writing {name}", total=len(tokens)) if progress is not None else None
     for batch in tokens.with_format("arrow").iter(batch_size=4096):
-        column = batch.column("input_ids").combine_chunks()
-        if isinstance(column, pa.ChunkedArray):  # an empty batch stays chunked
-            column = pa.concat_arrays(column.chunks) if column.num_chunks else pa.array([], column.type)
-        writer.add(column.flatten().to_numpy(zero_copy_only=False), column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64))
+        column = batch.column("input_ids").combine_chunks()  # (documents,) list<int32>
+        writer.add(column.flatten().to_numpy(zero_copy_only=False),
+                   column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64))
         if progress is not None:
             progress.advance(task, len(column))
     shards = writer.finish()
@@ -193,7 +191,8 @@ def prepare_data(
 def print_report(report: dict, console: Console | None = None) -> None:
     """The end-of-run table: documents, tokens and shards per split, and skipped rows."""
     console = console or Console()
-    table = Table(title=f"Token shards in {report['out_dir']} ({report['dtype']}, vocab {report['vocab_size']})")
+    table = Table(title=f"{report['out_dir']}", caption=f"{report['dtype']} tokens, vocab {report['vocab_size']}, "
+                  f"tokenizer {report['tokenizer_hash']}")
     for col in ("split", "documents", "tokens", "shards"):
         table.add_column(col, justify="left" if col == "split" else "right")
     for name, split in report["splits"].items():

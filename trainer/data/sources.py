@@ -43,23 +43,57 @@ class SourceReport:
             self.skipped_examples.append(where)
 
 
-def input_kind(path: Path) -> str:
-    """'text', 'json', 'parquet' or 'disk' (a folder written by `Dataset.save_to_disk`)."""
-    if path.is_dir():
-        if any((path / marker).exists() for marker in ("dataset_info.json", "dataset_dict.json", "state.json")):
-            return "disk"
-        raise DataError(f"{path}: is a folder but not a dataset saved with datasets' save_to_disk")
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / marker).exists() for marker in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
+def _file_kind(path: Path) -> str | None:
     suffixes = path.suffixes
-    last = suffixes[-2] if suffixes and suffixes[-1] == ".gz" and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
+    gz = len(suffixes) > 1 and suffixes[-1] == ".gz"
+    last = suffixes[-2] if gz else (suffixes[-1] if suffixes else "")
+    if gz:  # only JSON lines are read through gzip here
+        return "json" if last in _JSON_SUFFIXES else None
     if last in _TEXT_SUFFIXES:
         return "text"
     if last in _JSON_SUFFIXES:
         return "json"
     if last == ".parquet":
         return "parquet"
-    raise DataError(f"{path}: unknown input type '{''.join(suffixes)}' (expected .txt/.md, .jsonl/.json[.gz], .parquet or a save_to_disk folder)")
+    return None
+
+
+def expand_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Input paths with plain folders (e.g. a cleaning run's output of `00000.jsonl` files) replaced by the
+    readable files under them, sorted; `save_to_disk` folders stay whole."""
+    paths: list[Path] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir() and not _is_saved_dataset(path):
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _file_kind(p) is not None
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise DataError(f"{path}: folder holds no .txt/.jsonl/.parquet files and is not a dataset saved "
+                                "with datasets' save_to_disk")
+            paths.extend(found)
+        else:
+            paths.append(path)
+    return paths
+
+
+def input_kind(path: Path) -> str:
+    """'text', 'json', 'parquet' or 'disk' (a folder written by `Dataset.save_to_disk`)."""
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return "disk"
+        raise DataError(f"{path}: is a folder but not a dataset saved with datasets' save_to_disk")
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    kind = _file_kind(path)
+    if kind is not None:
+        return kind
+    suffixes = path.suffixes
+    raise DataError(f"{path}: unknown input type '{''.join(suffixes)}' "
+                    "(expected .txt/.md, .jsonl/.json[.gz], .parquet or a save_to_disk folder)")
 
 
 def load_documents(
@@ -73,11 +107,13 @@ def load_documents(
 ) -> tuple[datasets.Dataset, SourceReport]:
     """All inputs as one Dataset with a single `text` column, plus what was found on the way.
 
-    Plain text files are cut into documents by `text_mode`: 'paragraph' (blank-line
-    separated blocks, the default), 'line' (one document per non-empty line) or 'file'
-    (the whole file is one document). Blank documents in text files are not documents
-    and are dropped without counting. `cache_dir` receives datasets' Arrow files (the
-    caller owns and removes it; the returned Dataset lives there).
+    A plain folder stands for the readable files under it (sorted). Plain text files are
+    cut into documents by `text_mode`: 'paragraph' (blank-line separated blocks, the
+    default), 'line' (one document per non-empty line) or 'file' (the whole file is one
+    document). Blank documents in text files are not documents and are dropped without
+    counting. JSONL is checked line by line in this process before datasets reads it.
+    `cache_dir` receives datasets' Arrow files (the caller owns and removes it; the
+    returned Dataset lives there).
     """
     if not inputs:
         raise DataError("no input files given")
@@ -87,9 +123,9 @@ def load_documents(
     cache.mkdir(parents=True, exist_ok=True)
     report = SourceReport()
     parts = []
-    for i, raw in enumerate(inputs):
-        path = Path(raw)
-        kind = input_kind(path)
+    paths = expand_inputs(inputs)
+    kinds = [input_kind(p) for p in paths]  # a missing or unknown input fails before any work
+    for i, (path, kind) in enumerate(zip(paths, kinds)):
         reader = {"text": _read_text, "json": _read_json, "parquet": _read_parquet, "disk": _read_disk}[kind]
         part_cache = cache / f"input-{i:04d}"
         ds = reader(path, text_field=text_field, text_mode=text_mode, skip_bad_rows=skip_bad_rows,
@@ -133,7 +169,11 @@ def _check_json_line(line: str, text_field: str) -> str | None:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
+        if line.lstrip().startswith("["):
+            return "a JSON array; expected JSON Lines (one object per line)"
         return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if isinstance(row, list):
+        return "a JSON array; expected JSON Lines (one object per line)"
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
     if text_field not in row:

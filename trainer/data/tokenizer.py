@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 import datasets
+from rich.console import Console
+from rich.markup import escape
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -66,10 +68,13 @@ def train_tokenizer(
     if vocab_size < minimum:
         raise DataError(f"vocab_size {vocab_size} is too small: byte coverage and special tokens need at least {minimum}")
     with staged_folder(out_dir, overwrite) as tmp:
-        docs, _ = load_documents(inputs, text_field=text_field, text_mode=text_mode, skip_bad_rows=skip_bad_rows,
-                                 num_proc=num_proc, cache_dir=tmp / ".cache")
+        docs, found = load_documents(inputs, text_field=text_field, text_mode=text_mode,
+                                     skip_bad_rows=skip_bad_rows, num_proc=num_proc, cache_dir=tmp / ".cache")
         if len(docs) == 0:
             raise DataError(f"no documents found in {', '.join(map(str, inputs))}")
+        if found.skipped_rows:
+            Console(stderr=True).print(f"[yellow]skipped {found.skipped_rows} bad row(s)[/], "
+                                       f"e.g. {escape(found.skipped_examples[0])}")
         if kind == "bpe":
             backend = _train_bpe(docs, vocab_size)
         else:
