@@ -13,7 +13,7 @@ from trainer.pretrain import run_pretraining
 
 
 def main() -> int:
-    args = run_parser(__doc__.splitlines()[1]).parse_args()
+    args = run_parser(__doc__.splitlines()[1]).parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     run_pretraining(cfg, resume=args.resume)
     return 0

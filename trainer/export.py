@@ -62,6 +62,13 @@ def resolve_model_source(path: str | Path) -> Path:
     return path
 
 
+def with_tied_head(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """safetensors stores a shared tensor once; a tied LM head is the embedding table again."""
+    if cfg.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
+        state = {**state, "output.weight": state["tok_embeddings.weight"]}
+    return state
+
+
 def source_model_config(path: str | Path, **overrides) -> ModelConfig:
     """The ModelConfig of one of our checkpoints (or a run folder's newest) or of a local HF Llama folder."""
     path = resolve_model_source(path)
@@ -85,7 +92,7 @@ def load_pretrained(path: str | Path, **overrides) -> Transformer:
         return load_hf_model(path, **overrides)
     cfg = source_model_config(path, **overrides)
     model = Transformer(cfg)
-    model.load_state_dict(consolidated_state_dict(path), strict=True)
+    model.load_state_dict(with_tied_head(consolidated_state_dict(path), cfg), strict=True)
     return model
 
 
@@ -115,7 +122,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     cfg = checkpoint_model_config(checkpoint)
-    state = consolidated_state_dict(checkpoint)
+    state = with_tied_head(consolidated_state_dict(checkpoint), cfg)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     tokenizer_dir = tokenizer_dir or checkpoint_tokenizer_dir(checkpoint)
@@ -124,6 +131,63 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir
     try:
         save_hf_model(state, cfg, staging / "model", max_shard_size=max_shard_size)
         if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, staging / "model")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        (staging / "model").rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def load_with_adapter(adapter_dir: str | Path, base: str | Path | None = None, merge: bool = True):
+    """Our Transformer with a PEFT adapter saved by an SFT run (its `adapter/` folder) on top.
+
+    `base` defaults to the model the adapter was trained on (`base_model_name_or_path`). LoRA /
+    QLoRA adapters are merged into the weights with `merge` (a plain Transformer comes back);
+    prompt-tuning adapters stay a wrapper that prepends their virtual tokens.
+    """
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
+    config = json.loads(config_path.read_text())
+    base = base or config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config_path}: no base_model_name_or_path; name the base model explicitly")
+    model = load_pretrained(base)
+    if config.get("peft_type") == "PROMPT_TUNING":
+        from trainer.sft.prompt_tuning import load_prompt_tuned
+
+        return load_prompt_tuned(model, adapter_dir)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_path}: peft_type {config.get('peft_type')} is not supported (LORA, PROMPT_TUNING)")
+    if any(t.endswith("_proj") for t in config.get("target_modules") or []):
+        raise ValueError(f"{adapter_dir}: this adapter uses HF Llama module names (an adapter_hf/ folder); "
+                         "pass the run's adapter/ folder, which uses ours")
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return peft_model.merge_and_unload() if merge else peft_model
+
+
+def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None = None,
+                  tokenizer_dir: str | Path | None = None, dtype: torch.dtype | None = None,
+                  max_shard_size: str | None = None) -> Path:
+    """Merge a LoRA/QLoRA adapter into its base and write a plain HF Llama folder (with the adapter's tokenizer)."""
+    model = load_with_adapter(adapter_dir, base=base, merge=True)
+    if not isinstance(model, Transformer):
+        raise ValueError(f"{adapter_dir}: a prompt-tuning adapter has no weights to merge; load it with peft instead")
+    state = model.state_dict()
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    tokenizer_dir = Path(tokenizer_dir or adapter_dir)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        save_hf_model(state, model.cfg, staging / "model", max_shard_size=max_shard_size)
+        if any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES):
             copy_tokenizer(tokenizer_dir, staging / "model")
         if out_dir.exists():
             shutil.rmtree(out_dir)

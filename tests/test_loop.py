@@ -1,0 +1,141 @@
+"""The loop in-process: learning, non-finite handling, checkpoint commit protocol."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+from model_defs import ModelConfig, Transformer
+from trainer.checkpoint import COMPLETE_MARKER, complete_checkpoints, resolve_resume
+from trainer.config import load_config
+from trainer.engine import build_accelerator
+from trainer.loop import NonFiniteLossError, train
+from trainer.objectives import causal_lm_objective
+
+VOCAB = 64
+
+
+class CountingLoader:
+    """Sequences that count up modulo the vocabulary: trivially learnable, fully deterministic."""
+
+    def __init__(self, batch_size: int = 4, seq_len: int = 16):
+        self.batch_size, self.seq_len, self.position = batch_size, seq_len, 0
+
+    def __iter__(self):
+        while True:
+            g = torch.Generator().manual_seed(self.position)
+            self.position += 1
+            start = torch.randint(0, VOCAB, (self.batch_size, 1), generator=g)
+            seq = (start + torch.arange(self.seq_len + 1)) % VOCAB
+            yield {"input_ids": seq[:, :-1], "labels": seq[:, 1:]}
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run(tmp_path, objective=causal_lm_objective, *overrides, resume=None):
+    cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.max_steps=20", "optim.lr=1e-2",
+                             "optim.warmup_steps=2", "logging.progress=false", "logging.tensorboard=false",
+                             *overrides])
+    model_cfg = ModelConfig.from_preset("tiny", vocab_size=VOCAB)
+    accelerator = build_accelerator(cfg, hidden_size=model_cfg.dim, precision="fp32")
+    torch.manual_seed(0)
+    loader = CountingLoader()
+    return train(cfg, accelerator=accelerator, model=Transformer(model_cfg), objective=objective,
+                 train_loader=loader, val_batches=lambda: iter(CountingLoader()), resume_from=resume)
+
+
+def records(tmp_path, split="train"):
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def test_learns_and_logs(tmp_path):
+    result = run(tmp_path, causal_lm_objective, "train.eval_every=10", "train.eval_at_start=true")
+    train_rows = records(tmp_path)
+    assert [r["step"] for r in train_rows] == list(range(1, 21))
+    assert train_rows[-1]["loss"] < 0.3 * train_rows[0]["loss"]
+    assert all(r["tokens_seen"] == 4 * 16 * r["step"] for r in train_rows)
+    lrs = [r["lr"] for r in train_rows]
+    assert lrs[0] == pytest.approx(5e-3) and lrs[1] == pytest.approx(1e-2) and lrs[-1] < lrs[2]
+    val = records(tmp_path, "val")
+    assert [r["step"] for r in val] == [0, 10, 20]
+    assert val[-1]["loss"] < val[0]["loss"] and val[-1]["perplexity"] == pytest.approx(math.exp(val[-1]["loss"]))
+    assert result.final_checkpoint.name == "step_00000020"
+    assert (result.final_checkpoint / COMPLETE_MARKER).is_file()
+    assert (tmp_path / "COMPLETED").is_file()
+
+
+def nan_on(steps: set[int]):
+    """An objective that returns NaN on the given (1-based) calls, counting micro-batches."""
+    calls = {"n": 0}
+
+    def objective(model, batch):
+        calls["n"] += 1
+        loss, stats = causal_lm_objective(model, batch)
+        if calls["n"] in steps:
+            loss = loss * float("nan")
+        return loss, stats
+
+    return objective
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path):
+    result = run(tmp_path, nan_on({5}), "checkpoint.every=4")
+    assert result.state.step == 20
+    assert result.state.nonfinite_total == 1 and result.state.nonfinite_in_a_row == 0
+    rows = records(tmp_path)
+    assert math.isnan(rows[4]["loss"]) and rows[4]["nonfinite_total"] == 1
+    assert all(math.isfinite(r["loss"]) for i, r in enumerate(rows) if i != 4)
+    assert all(math.isfinite(v) for v in [r["grad_norm"] for r in rows if r["step"] != 5])
+
+
+def test_nonfinite_in_a_row_stops_with_last_good_checkpoint_intact(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
+        run(tmp_path, nan_on({9, 10, 11, 12}), "checkpoint.every=4", "train.max_nonfinite_steps=3")
+    checkpoints = complete_checkpoints(tmp_path)
+    assert [c.name for c in checkpoints] == ["step_00000004", "step_00000008"]
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["nonfinite_total"] == 0
+    assert not (tmp_path / "COMPLETED").exists()
+
+
+def test_skipped_step_leaves_weights_unchanged(tmp_path):
+    """With every micro-batch of a step non-finite, the weights after it equal those before it."""
+    result = run(tmp_path, nan_on({3}), "train.max_steps=3", "checkpoint.every=2")
+    from trainer.export import consolidated_state_dict
+
+    before = consolidated_state_dict(tmp_path / "checkpoints" / "step_00000002")
+    after = consolidated_state_dict(result.final_checkpoint)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_partial_checkpoints_are_never_resumed(tmp_path):
+    run(tmp_path, causal_lm_objective, "train.max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=5")
+    root = tmp_path / "checkpoints"
+    assert [c.name for c in complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+    # A crash mid-save leaves a temp folder, or a renamed folder without its marker.
+    (root / ".tmp-step_00000006").mkdir()
+    (root / "step_00000008").mkdir()
+    assert resolve_resume("auto", tmp_path) == root / "step_00000004"
+    with pytest.raises(ValueError, match="incomplete"):
+        resolve_resume(str(root / "step_00000008"), tmp_path)
+    assert resolve_resume("auto", tmp_path / "fresh") is None
+
+
+def test_keep_last_prunes_oldest(tmp_path):
+    run(tmp_path, causal_lm_objective, "train.max_steps=8", "checkpoint.every=2", "checkpoint.keep_last=2")
+    assert [c.name for c in complete_checkpoints(tmp_path)] == ["step_00000006", "step_00000008"]
