@@ -1,0 +1,124 @@
+"""KV-cache generation: cache == no cache == transformers, left padding, stop tokens, sampling."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from model_defs import ModelConfig, Transformer
+from model_defs.generate import generate, sample_next
+from model_defs.hf import config_from_hf, state_dict_from_hf
+
+transformers.logging.set_verbosity_error()
+V = 256
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    # A larger init spreads the logits so greedy choices are far from numerical ties.
+    return Transformer(ModelConfig.from_preset("tiny", vocab_size=V, init_std=0.1)).eval()
+
+
+def _prompts(seed: int = 0, B: int = 3, T: int = 7) -> torch.Tensor:
+    return torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_greedy_cache_equals_no_cache(model):
+    x = _prompts()
+    cached = generate(model, x, max_new_tokens=12)
+    uncached = generate(model, x, max_new_tokens=12, use_cache=False)
+    assert cached.shape == (3, 19)
+    assert torch.equal(cached[:, :7], x)
+    assert torch.equal(cached, uncached)
+
+
+def test_greedy_matches_naive_argmax_loop(model):
+    x = _prompts(1, B=1)
+    seq = x
+    with torch.no_grad():
+        for _ in range(8):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generate(model, x, max_new_tokens=8), seq)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "dynamic", "factor": 2.0}])
+def test_greedy_matches_transformers_generate(rope_scaling):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16, rope_scaling=rope_scaling, initializer_range=0.1,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    hf = LlamaForCausalLM(config).eval()
+    cfg = config_from_hf(hf.config)
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), cfg))
+    x = _prompts(2, B=2, T=6)
+    # 20 new tokens run past max_position_embeddings=16, where dynamic NTK rescales while decoding.
+    expected = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20, do_sample=False,
+                           pad_token_id=0)
+    assert torch.equal(generate(ours, x, max_new_tokens=20), expected)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padded_batch_equals_rows_alone(model, use_cache):
+    rows = [_prompts(3, B=1, T=9)[0], _prompts(4, B=1, T=4)[0], _prompts(5, B=1, T=6)[0]]
+    T = max(len(r) for r in rows)
+    x = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        x[i, T - len(r):] = r
+        mask[i, T - len(r):] = 1
+    batch = generate(model, x, attention_mask=mask, max_new_tokens=10, use_cache=use_cache)
+    for i, r in enumerate(rows):
+        alone = generate(model, r[None], max_new_tokens=10)
+        assert torch.equal(batch[i, T:], alone[0, len(r):]), f"row {i}"
+
+
+def test_stop_tokens_finish_rows_and_pad(model):
+    x = _prompts(6, B=2)
+    free = generate(model, x, max_new_tokens=10)
+    stop = int(free[0, 7 + 2])  # row 0's third new token
+    if stop in free[1, 7:].tolist():
+        pytest.skip("row 1 would also stop; pick another prompt seed")
+    out = generate(model, x, max_new_tokens=10, stop_token_ids=[stop], pad_token_id=-1)
+    first = free[0, 7:].tolist().index(stop)
+    assert out[0, 7 + first] == stop
+    assert (out[0, 7 + first + 1:] == -1).all()
+    assert torch.equal(out[1], free[1])  # the other row runs on
+
+    single = generate(model, x[:1], max_new_tokens=10, stop_token_ids=[stop])
+    assert single.shape[1] == 7 + first + 1  # everything finished: no more steps
+
+
+def test_sampling_reproducible_and_top_k1_is_greedy(model):
+    x = _prompts(7)
+    greedy = generate(model, x, max_new_tokens=10)
+    a = generate(model, x, max_new_tokens=10, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    b = generate(model, x, max_new_tokens=10, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    c = generate(model, x, max_new_tokens=10, temperature=1.0, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    k1 = generate(model, x, max_new_tokens=10, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(k1, greedy)
+    p0 = generate(model, x, max_new_tokens=10, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(p0, greedy)
+
+
+def test_top_k_top_p_restrict_support():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=g).tolist()) == {2, 3}
+    # softmax([0,1,2,3]) = [.032, .087, .237, .644]: top_p=0.7 keeps tokens 3 and 2 only.
+    assert set(sample_next(logits, 1.0, top_p=0.7, generator=g).tolist()) == {2, 3}
+    assert set(sample_next(logits, 1.0, top_p=0.6, generator=g).tolist()) == {3}
+    assert set(sample_next(logits, 1.0, generator=g).tolist()) == {0, 1, 2, 3}
+
+
+def test_bad_masks_rejected(model):
+    x = _prompts(8, B=2, T=4)
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(model, x, attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="no real tokens"):
+        generate(model, x, attention_mask=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]), max_new_tokens=2)
