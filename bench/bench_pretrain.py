@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+# Same work as HF: plain causal attention over each window. "masked" also keeps attention inside
+# each packed document (what our recipes do by default), which HF's Trainer does not offer.
+SIDES = {"ours": "ours (trainer/)", "ours_masked": "ours, document masking", "hf": "HF Trainer"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -40,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads in each run")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak for MFU (default: known GPUs; on CPU 0.166 TFLOP/s per thread fp32)")
-    p.add_argument("--side", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=("ours", "ours_masked", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -78,7 +81,8 @@ def run_ours(args) -> dict:
     from trainer.pretrain import run_pretraining
 
     out = Path(args.out)
-    cfg = load_config(None, overrides(args, Path(args.data), out))
+    masking = "data.document_masking=" + str(args.side == "ours_masked").lower()
+    cfg = load_config(None, overrides(args, Path(args.data), out) + [masking])
     # The timed window must not include the final checkpoint write; this side saves one, HF's does not.
     result = run_pretraining(cfg)
     stamps = [r["time"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
@@ -141,7 +145,7 @@ def run_hf(args) -> dict:
 def child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_ours(args) if args.side == "ours" else run_hf(args)
+    result = run_hf(args) if args.side == "hf" else run_ours(args)
     print("RESULT " + json.dumps(result))
 
 
@@ -164,7 +168,7 @@ def main() -> None:
         data = make_data(tmp)
         best: dict[str, dict] = {}
         for repeat in range(args.repeats):
-            for side in ("ours", "hf"):
+            for side in SIDES:
                 out = tmp / f"{side}-{repeat}"
                 cmd = [sys.executable, __file__, "--side", side, "--data", str(data), "--out", str(out),
                        *sys.argv[1:]]
@@ -187,7 +191,7 @@ def main() -> None:
                         f"{args.precision}, {'cuda' if torch.cuda.is_available() else 'cpu'}")
     for col in ("", "tokens/s", "MFU", "peak memory GB"):
         table.add_column(col, justify="right")
-    for side, name in (("ours", "ours (trainer/)"), ("hf", "HF Trainer")):
+    for side, name in SIDES.items():
         r = best[side]
         table.add_row(name, f"{r['tokens_per_s']:,.0f}", f"{100 * fpt * r['tokens_per_s'] / (peak * 1e12):.2f}%",
                       f"{r['peak_gb']:.2f}")

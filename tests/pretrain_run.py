@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -78,12 +79,25 @@ def run_until_signalled(cmd: list[str], output_dir: Path, after_step: int, sig=s
                         timeout: int = 600) -> subprocess.CompletedProcess:
     """Start a run, and once it has logged `after_step`, send `sig` to every training process
     (as Slurm does on preemption: the workers themselves, not only the launcher)."""
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Files, not pipes: nobody reads a pipe while we poll, and a full one would block the run.
+    with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env(), stdout=out_file, stderr=err_file, text=True)
+        _signal_when_reached(proc, output_dir, after_step, sig, timeout)
+        proc.wait(timeout=timeout)
+        out_file.seek(0)
+        err_file.seek(0)
+        out, err = out_file.read(), err_file.read()
+    if proc.returncode != 0:
+        raise AssertionError(f"signalled run exited {proc.returncode}\n{out[-3000:]}\n{err[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _signal_when_reached(proc: subprocess.Popen, output_dir: Path, after_step: int, sig, timeout: int) -> None:
     deadline = time.time() + timeout
     while _last_step(output_dir) < after_step:
         if proc.poll() is not None or time.time() > deadline:
-            out, err = proc.communicate()
-            raise AssertionError(f"run ended before step {after_step}: rc={proc.returncode}\n{err[-4000:]}")
+            proc.kill()
+            raise AssertionError(f"run ended before step {after_step}: rc={proc.returncode}")
         time.sleep(0.005)
     parent = psutil.Process(proc.pid)
     workers = [p for p in [parent, *parent.children(recursive=True)]
@@ -91,7 +105,3 @@ def run_until_signalled(cmd: list[str], output_dir: Path, after_step: int, sig=s
                and "accelerate" not in " ".join(p.cmdline()[:2])]
     for worker in workers:
         worker.send_signal(sig)
-    out, err = proc.communicate(timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"signalled run exited {proc.returncode}\n{out[-3000:]}\n{err[-6000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

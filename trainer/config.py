@@ -57,6 +57,9 @@ class DataSection(Section):
     tokenizer: Optional[str] = Field(None, description="HF-format tokenizer folder; checked against the shards")
     seq_len: int = Field(256, gt=0, description="tokens per training window")
     shuffle: bool = True
+    document_masking: bool = Field(
+        True, description="attend only within each packed document; false attends across documents "
+                          "(no mask, so SDPA keeps its fused causal kernel)")
 
 
 class TrainSection(Section):

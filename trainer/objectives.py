@@ -7,7 +7,7 @@ are global token-weighted means, not rank 0's.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,4 +45,10 @@ def causal_lm_objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     return loss, {"loss_sum": loss_sum.detach(), "tokens": tokens.detach().to(loss_sum.dtype)}
 
 
-OBJECTIVES: dict[str, Callable] = {"causal_lm": causal_lm_objective}
+def across_documents(objective: Objective) -> Objective:
+    """The same objective with plain causal attention over the whole window (no document masks)."""
+
+    def plain_causal(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        return objective(model, {k: v for k, v in batch.items() if k not in ("position_ids", "document_ids")})
+
+    return plain_causal

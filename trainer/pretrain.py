@@ -12,7 +12,7 @@ from trainer.checkpoint import MODEL_CONFIG_FILE, resolve_resume
 from trainer.config import ConfigError, RunConfig, save_resolved
 from trainer.engine import build_accelerator, resolve_precision
 from trainer.loop import RunResult, train
-from trainer.objectives import causal_lm_objective
+from trainer.objectives import across_documents, causal_lm_objective
 
 
 def run_pretraining(cfg: RunConfig, resume: str | None = None) -> RunResult:
@@ -58,7 +58,7 @@ def run_pretraining(cfg: RunConfig, resume: str | None = None) -> RunResult:
         cfg,
         accelerator=accelerator,
         model=model,
-        objective=causal_lm_objective,
+        objective=causal_lm_objective if cfg.data.document_masking else across_documents(causal_lm_objective),
         train_loader=loader,
         val_batches=val_batches if val_shards is not None else None,
         flops_per_token=flops_per_token(model_cfg, cfg.data.seq_len),
