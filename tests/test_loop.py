@@ -11,7 +11,8 @@ from accelerate.state import AcceleratorState, GradientState
 from model_defs import ModelConfig, Transformer
 from trainer.checkpoint import COMPLETE_MARKER, complete_checkpoints, resolve_resume
 from trainer.config import load_config
-from trainer.engine import build_accelerator
+from trainer.config import ConfigError
+from trainer.engine import build_accelerator, resolve_precision
 from trainer.loop import NonFiniteLossError, train
 from trainer.objectives import causal_lm_objective
 
@@ -51,11 +52,13 @@ def run(tmp_path, objective=causal_lm_objective, *overrides, resume=None):
                              "optim.warmup_steps=2", "logging.progress=false", "logging.tensorboard=false",
                              *overrides])
     model_cfg = ModelConfig.from_preset("tiny", vocab_size=VOCAB)
-    accelerator = build_accelerator(cfg, hidden_size=model_cfg.dim, precision="fp32")
+    precision = resolve_precision(cfg.train.precision)
+    accelerator = build_accelerator(cfg, hidden_size=model_cfg.dim, precision=precision)
     torch.manual_seed(0)
     loader = CountingLoader()
     return train(cfg, accelerator=accelerator, model=Transformer(model_cfg), objective=objective,
-                 train_loader=loader, val_batches=lambda: iter(CountingLoader()), resume_from=resume)
+                 train_loader=loader, val_batches=lambda: iter(CountingLoader()), resume_from=resume,
+                 precision=precision)
 
 
 def records(tmp_path, split="train"):
@@ -139,3 +142,17 @@ def test_partial_checkpoints_are_never_resumed(tmp_path):
 def test_keep_last_prunes_oldest(tmp_path):
     run(tmp_path, causal_lm_objective, "train.max_steps=8", "checkpoint.every=2", "checkpoint.keep_last=2")
     assert [c.name for c in complete_checkpoints(tmp_path)] == ["step_00000006", "step_00000008"]
+
+
+def test_bf16_autocast_learns(tmp_path):
+    run(tmp_path, causal_lm_objective, "train.precision=bf16")
+    rows = records(tmp_path)
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+
+
+def test_precision_auto_and_fp16_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    assert resolve_precision("auto") == "fp32"
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16")
