@@ -93,6 +93,7 @@ class OptimSection(Section):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
     decay_embeddings: bool = Field(False, description="apply weight decay to embedding tables")
+    fused: bool = Field(True, description="torch's fused AdamW kernel (CPU and CUDA)")
 
 
 class CheckpointSection(Section):

@@ -29,9 +29,11 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
 
 
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
-    # The fused/foreach kernels change summation order across builds; foreach is the portable default.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    # DeepSpeed drops empty groups (e.g. no decayed matrix when only a soft prompt trains), which would
+    # leave the LambdaLR with more lambdas than the optimizer has groups.
+    groups = [g for g in param_groups(model, cfg.weight_decay, cfg.decay_embeddings) if g["params"]]
+    # One fused kernel per step instead of a Python loop over tensors (CPU and CUDA alike).
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused)
 
 
 def lr_multiplier(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
