@@ -107,7 +107,8 @@ def evaluate(accelerator: Accelerator, model: nn.Module, objective: Objective,
             totals[k] = totals.get(k, 0) + v.detach().float()
     model.train()
     result = summarize(_global_sum(accelerator, totals))
-    if "loss" in result:
+    if "loss" in result and "target_tokens" in result:
+        # Only a per-token loss has a perplexity; a per-pair preference loss does not.
         result["perplexity"] = math.exp(min(result["loss"], 50.0))
     return result
 
