@@ -138,7 +138,8 @@ def conversation_segments(tokenizer: PreTrainedTokenizerBase, messages: list[Mes
                     f"the chat template renders messages[{k}] so that it changes earlier text; assistant-only "
                     "labels need a template where each turn appends (use chat_template llama3 or chatml)")
             if len(text) > len(done):
-                segments.extend(_split_after_end_of_turn(text[len(done):]) if is_target else [(text[len(done):], False)])
+                added = text[len(done):]
+                segments.extend(_split_after_end_of_turn(added) if is_target else [(added, False)])
             done = text
     return segments
 

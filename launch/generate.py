@@ -1,0 +1,155 @@
+"""Chat with a model: one of our checkpoints / run folders, an HF Llama folder, or a base + SFT adapter.
+
+    python launch/generate.py --model runs/demo/sft --prompt "How old is Beilfu?"          # SFT run folder
+    python launch/generate.py --model runs/demo/pretrain --prompt "..." --prompt "..."     # newest checkpoint
+    python launch/generate.py --model BASE --adapter runs/x/adapter --prompts-file prompts.jsonl --out gen.jsonl
+
+Prompts are rendered with the tokenizer's chat template (`--raw` feeds them as plain text);
+generation stops at the template's end-of-turn token or EOS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer.cli import guarded
+
+
+def find_tokenizer_dir(model: str, adapter: str | None, explicit: str | None) -> Path:
+    """--tokenizer, else the adapter's, the SFT run's, the HF folder's or the checkpoint run's tokenizer."""
+    from trainer.export import checkpoint_tokenizer_dir, is_checkpoint, resolve_model_source
+
+    if explicit:
+        return Path(explicit)
+    candidates = [Path(adapter)] if adapter else []
+    candidates += [Path(model) / "tokenizer", Path(model)]
+    for folder in candidates:
+        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+            return folder
+    source = resolve_model_source(model)
+    if is_checkpoint(source) and checkpoint_tokenizer_dir(source) is not None:
+        return checkpoint_tokenizer_dir(source)
+    raise FileNotFoundError(f"{model}: no tokenizer found beside the model; pass --tokenizer")
+
+
+def load_model(model: str, adapter: str | None):
+    """(model, adapter folder used or None). An SFT run folder with an adapter/ uses it on the adapter's base."""
+    from trainer.export import load_pretrained, load_with_adapter
+
+    if adapter is None and (Path(model) / "adapter" / "adapter_config.json").is_file():
+        return load_with_adapter(Path(model) / "adapter"), str(Path(model) / "adapter")
+    if adapter is None and (Path(model) / "model" / "config.json").is_file():
+        return load_pretrained(Path(model) / "model"), None  # a full fine-tuning run's export
+    if adapter is not None:
+        return load_with_adapter(adapter, base=model), adapter
+    return load_pretrained(model), None
+
+
+def read_prompts(args) -> list[str | list[dict]]:
+    prompts: list[str | list[dict]] = list(args.prompt or [])
+    if args.prompts_file:
+        if not Path(args.prompts_file).is_file():
+            raise FileNotFoundError(f"{args.prompts_file}: no such prompts file")
+        path = Path(args.prompts_file)
+        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                row = json.loads(line)
+                if "messages" in row:  # a chat: generate the next assistant turn after its non-assistant prefix
+                    msgs = row["messages"]
+                    cut = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i]["role"] != "assistant"), None)
+                    if cut is None:
+                        raise ValueError(f"{path}:{lineno}: messages hold no user turn")
+                    prompts.append(msgs[:cut + 1])
+                elif "prompt" in row:
+                    prompts.append(row["prompt"])
+                else:
+                    raise ValueError(f"{path}:{lineno}: expected a 'prompt' or 'messages' field")
+            else:
+                prompts.append(line)
+            if args.limit is not None and len(prompts) >= args.limit:
+                break
+    if not prompts:
+        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file")
+    return prompts
+
+
+def encode(tokenizer, prompt: str | list[dict], system: str | None, raw: bool) -> list[int]:
+    from trainer.chat import prompt_ids
+
+    if raw:
+        return tokenizer(prompt if isinstance(prompt, str) else prompt[-1]["content"])["input_ids"]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    return prompt_ids(tokenizer, messages)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r)
+        mask[i, T - len(r):] = True
+    return ids, mask
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True,
+                        help="our checkpoint or run folder (newest checkpoint), an SFT run folder, "
+                             "or an HF Llama folder")
+    parser.add_argument("--adapter", help="an SFT adapter/ folder to apply on --model")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: found beside the model)")
+    parser.add_argument("--chat-template", default="auto", choices=["auto", "llama3", "chatml"])
+    parser.add_argument("--prompt", action="append", help="a user message (repeatable)")
+    parser.add_argument("--prompts-file", help=".txt (one prompt a line) or .jsonl ('prompt' or 'messages')")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts of --prompts-file")
+    parser.add_argument("--system", help="a system message put before every prompt")
+    parser.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="also write {prompt, response} rows to this JSONL file")
+    args = parser.parse_args()
+
+    from model_defs.generate import generate
+    from trainer.chat import ensure_chat_template, stop_token_ids
+    from trainer.data.tokenizer import load_tokenizer
+
+    prompts = read_prompts(args)
+    tokenizer = load_tokenizer(find_tokenizer_dir(args.model, args.adapter, args.tokenizer))
+    if not args.raw:
+        ensure_chat_template(tokenizer, args.chat_template)
+    model, _ = load_model(args.model, args.adapter)
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask = left_pad([encode(tokenizer, p, args.system, args.raw) for p in prompts], pad_id)
+    stops = stop_token_ids(tokenizer)
+    # Prompt tuning prepends virtual tokens, which the KV cache's fixed layout does not hold.
+    use_cache = hasattr(model, "layers")
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_token_ids=stops,
+                   pad_token_id=pad_id, generator=torch.Generator().manual_seed(args.seed), use_cache=use_cache)
+    results = []
+    for prompt, row in zip(prompts, out[:, ids.shape[1]:].tolist()):
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        response = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+        shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        results.append({"prompt": shown, "response": response})
+        print(f"### prompt\n{shown}\n### response\n{response}\n")
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(guarded(main))
