@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on a laptop CPU, on data this project generates itself (no downloads):
-# demo data -> tokenizer -> token shards -> pretraining -> generation.
+# demo data -> tokenizer -> token shards -> pretraining -> LoRA SFT (before/after generations)
+# -> merged export -> DPO (held-out preference accuracy before/after).
 # Everything lands under runs/demo/ (override with RUN=...). About ten minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,3 +24,27 @@ step "3. pretraining (validation loss and perplexity are printed every 100 steps
 rm -rf "$RUN/pretrain"
 "${LAUNCH[@]}" launch/pretrain.py --config configs/demo_cpu.yaml \
     data.path="$RUN/data/tokens" data.tokenizer="$RUN/data/tokenizer" train.output_dir="$RUN/pretrain"
+
+step "4. LoRA SFT of the pretrained model on the demo's instruction chats (assistant tokens only, packed)"
+rm -rf "$RUN/sft"
+"${LAUNCH[@]}" launch/sft.py --config configs/demo_sft_cpu.yaml \
+    model.init_from="$RUN/pretrain" data.tokenizer="$RUN/data/tokenizer" train.output_dir="$RUN/sft" \
+    "sft.train_files=[$RUN/data/raw/sft.jsonl]" "sft.val_files=[$RUN/data/raw/sft_eval.jsonl]"
+
+step "5. before / after SFT: the same questions to the pretrained model and to the fine-tuned one"
+PROMPTS=(--prompt "What is 18 + 10?" --prompt "Count from 22 to 27."
+         --prompt "Which color does Gaimvom like best?" --prompt "What is the age of Vouso?")
+echo "-- before (pretrained only)"; python launch/generate.py --model "$RUN/pretrain" "${PROMPTS[@]}" --max-new-tokens 40
+echo "-- after (LoRA SFT)";        python launch/generate.py --model "$RUN/sft" "${PROMPTS[@]}" --max-new-tokens 40
+
+step "6. merge the LoRA adapter into the base: a plain HF Llama folder (transformers, vLLM, lm-eval load it)"
+python launch/export_hf.py --adapter "$RUN/sft/adapter" "$RUN/sft/model"
+
+step "7. DPO: the correct answer versus a wrong one (held-out accuracy before -> after)"
+rm -rf "$RUN/dpo"
+"${LAUNCH[@]}" launch/dpo.py --config configs/demo_dpo_cpu.yaml \
+    model.init_from="$RUN/sft/model" \
+    "dpo.train_files=[$RUN/data/raw/dpo.jsonl]" "dpo.val_files=[$RUN/data/raw/dpo_eval.jsonl]" \
+    train.output_dir="$RUN/dpo"
+
+step "done: everything is under $RUN (metrics.jsonl and tensorboard/ in each stage's folder)"
