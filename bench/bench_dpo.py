@@ -143,7 +143,7 @@ def run_ours(args: argparse.Namespace, work: Path, name: str) -> dict:
 
     out = work / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
-    lora = [f"method=lora", f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}", "lora.dropout=0.0",
+    lora = ["method=lora", f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}", "lora.dropout=0.0",
             f"lora.target_modules=[{','.join(TARGETS)}]"]
     marks: list[float] = []
     now = _clock(args)

@@ -2,7 +2,7 @@
 # The whole pipeline on a laptop CPU, on data this project generates itself (no downloads):
 # demo data -> tokenizer -> token shards -> pretraining -> LoRA SFT (before/after generations)
 # -> merged export -> DPO (held-out preference accuracy before/after).
-# Everything lands under runs/demo/ (override with RUN=...). About ten minutes on 2 cores.
+# Everything lands under runs/demo/ (override with RUN=...). A few minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/demo}

@@ -149,7 +149,7 @@ def test_text_modes_parquet_and_saved_datasets(tmp_path):
     assert docs["file"] == [txt.read_text()]
 
     pq.write_table(pa.table({"body": ["w4", None, "w5"]}), tmp_path / "b.parquet")
-    with pytest.raises(DataError, match=rf"b.parquet:row 2: 'body' is null"):
+    with pytest.raises(DataError, match=r"b.parquet:row 2: 'body' is null"):
         load_documents([tmp_path / "b.parquet"], text_field="body", cache_dir=cache / "pq")
     ds, found = load_documents([tmp_path / "b.parquet"], text_field="body", skip_bad_rows=True, cache_dir=cache / "pq2")
     assert ds["text"] == ["w4", "w5"] and found.skipped_rows == 1

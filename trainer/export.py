@@ -123,15 +123,26 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     cfg = checkpoint_model_config(checkpoint)
     state = with_tied_head(consolidated_state_dict(checkpoint), cfg)
+    return write_hf_folder(state, cfg, out_dir, tokenizer_dir or checkpoint_tokenizer_dir(checkpoint),
+                           dtype=dtype, max_shard_size=max_shard_size)
+
+
+def write_hf_folder(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
+                    tokenizer_dir: str | Path | None = None, dtype: torch.dtype | None = None,
+                    max_shard_size: str | None = None) -> Path:
+    """An HF Llama folder (safetensors + config + tokenizer files when present), staged beside
+    `out_dir` and renamed into place so a failure leaves nothing half-written."""
+    out_dir = Path(out_dir)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    tokenizer_dir = tokenizer_dir or checkpoint_tokenizer_dir(checkpoint)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         save_hf_model(state, cfg, staging / "model", max_shard_size=max_shard_size)
-        if tokenizer_dir is not None:
+        if tokenizer_dir is not None and any((Path(tokenizer_dir) / n).is_file() for n in TOKENIZER_FILES):
             copy_tokenizer(tokenizer_dir, staging / "model")
+        elif tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+            raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} not found")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         (staging / "model").rename(out_dir)
@@ -178,20 +189,5 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path
     model = load_with_adapter(adapter_dir, base=base, merge=True)
     if not isinstance(model, Transformer):
         raise ValueError(f"{adapter_dir}: a prompt-tuning adapter has no weights to merge; load it with peft instead")
-    state = model.state_dict()
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    tokenizer_dir = Path(tokenizer_dir or adapter_dir)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        save_hf_model(state, model.cfg, staging / "model", max_shard_size=max_shard_size)
-        if any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES):
-            copy_tokenizer(tokenizer_dir, staging / "model")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        (staging / "model").rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+    return write_hf_folder(model.state_dict(), model.cfg, out_dir, tokenizer_dir or adapter_dir,
+                           dtype=dtype, max_shard_size=max_shard_size)

@@ -35,6 +35,7 @@ from trainer.dpo.precompute import (cached_reference_logps, compute_reference_lo
 from trainer.dpo.reference import AdapterReference, FrozenCopyReference, PrecomputedReference, frozen_copy, zero_stage
 from trainer.engine import build_accelerator, resolve_precision
 from trainer.loop import RunResult, train
+from trainer.sft.adapter import save_run_outputs
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -214,7 +215,7 @@ def run_dpo(cfg: DPOConfig, resume: str | None = None) -> RunResult:
         checkpoint_files={MODEL_CONFIG_FILE: json.dumps(model_cfg.to_dict(), indent=2)},
     )
     if result.stopped_by_signal is None:
-        save_outputs(cfg, result, tokenizer)
+        save_run_outputs(cfg.dpo.method, result, cfg.train.output_dir, tokenizer)
         if accelerator.is_main_process:
             line = before_after(out_dir / "metrics.jsonl")
             if line:
@@ -235,22 +236,3 @@ def before_after(metrics_file: Path) -> str | None:
         ("policy_accuracy", "policy prefers chosen"), ("reward_accuracy", "reward accuracy"),
         ("reward_margin", "reward margin")) if key in first and key in last]
     return f"held-out pairs, step {first['step']} -> step {last['step']}: " + ", ".join(figures)
-
-
-def save_outputs(cfg: DPOConfig, result: RunResult, tokenizer) -> None:
-    """The adapter (LoRA/QLoRA) or the whole model (full tuning), next to the checkpoints."""
-    out_dir = Path(cfg.train.output_dir)
-    accelerator = result.accelerator
-    if cfg.dpo.method == "full":
-        if accelerator.is_main_process and result.final_checkpoint is not None:
-            from trainer.export import export_checkpoint
-
-            export_checkpoint(result.final_checkpoint, out_dir / "model", tokenizer_dir=out_dir / "tokenizer")
-            accelerator.print(f"tuned model exported to {out_dir / 'model'}")
-        accelerator.wait_for_everyone()
-        return
-    from trainer.sft.adapter import save_adapters
-
-    saved = save_adapters(accelerator, result.model, out_dir, tokenizer=tokenizer)
-    if saved is not None:
-        accelerator.print(f"adapter saved to {saved[0]} (HF Llama names: {saved[1]})")

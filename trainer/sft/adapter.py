@@ -125,3 +125,21 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir}: not an adapter folder (no {ADAPTER_CONFIG})")
     return json.loads(path.read_text())
+
+
+def save_run_outputs(method: str, result, out_dir: str | Path, tokenizer=None) -> None:
+    """What a tuning run leaves next to its checkpoints: the adapter (PEFT methods, in our and in HF
+    Llama module names) or, for full tuning, the whole model as an HF Llama folder."""
+    out_dir = Path(out_dir)
+    accelerator = result.accelerator
+    if method == "full":
+        if accelerator.is_main_process and result.final_checkpoint is not None:
+            from trainer.export import export_checkpoint
+
+            export_checkpoint(result.final_checkpoint, out_dir / "model", tokenizer_dir=out_dir / "tokenizer")
+            accelerator.print(f"tuned model exported to {out_dir / 'model'}")
+        accelerator.wait_for_everyone()
+        return
+    saved = save_adapters(accelerator, result.model, out_dir, tokenizer=tokenizer)
+    if saved is not None:
+        accelerator.print(f"adapter saved to {saved[0]} (HF Llama names: {saved[1]})")

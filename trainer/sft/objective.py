@@ -7,18 +7,7 @@ token-weighted mean over every assistant token seen.
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
+from trainer.objectives import causal_lm_objective
 
-from trainer.objectives import Stats, token_cross_entropy
-
-
-def sft_objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
-    logits = model(
-        batch["input_ids"],
-        position_ids=batch.get("position_ids"),
-        document_ids=batch.get("document_ids"),
-    )  # (B, T, V)
-    loss_sum, tokens = token_cross_entropy(logits, batch["labels"])
-    loss = loss_sum / tokens.clamp(min=1)
-    return loss, {"loss_sum": loss_sum.detach(), "tokens": tokens.detach().to(loss_sum.dtype)}
+# Same computation as pretraining; what differs is the batch (labels only on assistant tokens).
+sft_objective = causal_lm_objective

@@ -22,6 +22,7 @@ from trainer.checkpoint import MODEL_CONFIG_FILE, resolve_resume
 from trainer.config import ConfigError, save_resolved
 from trainer.engine import build_accelerator, resolve_precision
 from trainer.loop import RunResult, train
+from trainer.sft.adapter import save_run_outputs
 from trainer.sft.config import SFTConfig
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -145,24 +146,5 @@ def run_sft(cfg: SFTConfig, resume: str | None = None) -> RunResult:
         checkpoint_files={MODEL_CONFIG_FILE: json.dumps(model_cfg.to_dict(), indent=2)},
     )
     if result.stopped_by_signal is None:
-        save_outputs(cfg, result, tokenizer)
+        save_run_outputs(cfg.sft.method, result, cfg.train.output_dir, tokenizer)
     return result
-
-
-def save_outputs(cfg: SFTConfig, result: RunResult, tokenizer) -> None:
-    """The adapter (PEFT methods) or the whole model (full fine-tuning), next to the checkpoints."""
-    out_dir = Path(cfg.train.output_dir)
-    accelerator = result.accelerator
-    if cfg.sft.method == "full":
-        if accelerator.is_main_process and result.final_checkpoint is not None:
-            from trainer.export import export_checkpoint
-
-            export_checkpoint(result.final_checkpoint, out_dir / "model", tokenizer_dir=out_dir / "tokenizer")
-            accelerator.print(f"fine-tuned model exported to {out_dir / 'model'}")
-        accelerator.wait_for_everyone()
-        return
-    from trainer.sft.adapter import save_adapters
-
-    saved = save_adapters(accelerator, result.model, out_dir, tokenizer=tokenizer)
-    if saved is not None:
-        accelerator.print(f"adapter saved to {saved[0]} (HF Llama names: {saved[1]})")
