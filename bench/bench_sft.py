@@ -130,7 +130,7 @@ def run_ours(args: argparse.Namespace, work: Path, packing: bool) -> dict:
         "logging.tensorboard=false", f"logging.log_every={args.steps}", "optim.lr=2e-4", "optim.warmup_steps=0",
         "optim.weight_decay=0.0", f"checkpoint.every={10 * args.steps}",
     ], schema=SFTConfig)
-    tokenizer = load_chat_tokenizer(cfg)
+    tokenizer = load_chat_tokenizer(cfg, cfg.sft.chat_template)
     examples, _ = load_sft_examples(cfg.sft.train_files, tokenizer, seq_len=args.seq_len)
     accelerator = build_accelerator(cfg, hidden_size=args.dim, precision=args.precision)
     set_seed(0)

@@ -246,6 +246,11 @@ def _read_parquet(path: Path, *, text_field: str, skip_bad_rows: bool, cache: Pa
 
 def _read_disk(path: Path, *, text_field: str, skip_bad_rows: bool, cache: Path,
                report: SourceReport, **_) -> datasets.Dataset:
+    return _text_column(load_disk_dataset(path), path, text_field, skip_bad_rows, report, cache)
+
+
+def load_disk_dataset(path: Path) -> datasets.Dataset:
+    """A `save_to_disk` folder as one Dataset (the `train` split of a DatasetDict)."""
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:  # a corrupt or foreign folder; say which one
@@ -254,4 +259,4 @@ def _read_disk(path: Path, *, text_field: str, skip_bad_rows: bool, cache: Path,
         if "train" not in ds:
             raise DataError(f"{path}: dataset has splits {', '.join(ds)} but no 'train' split to read")
         ds = ds["train"]
-    return _text_column(ds, path, text_field, skip_bad_rows, report, cache)
+    return ds

@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 
 from model_defs import flops_per_token
 from trainer.build import build_model, model_config_from
-from trainer.chat import ensure_chat_template, template_name
+from trainer.chat import template_name
 from trainer.checkpoint import MODEL_CONFIG_FILE, resolve_resume
 from trainer.config import ConfigError, save_resolved
 from trainer.dpo.config import DPOConfig
@@ -74,14 +74,9 @@ def pad_multiple() -> int:
 
 
 def load_dpo_tokenizer(cfg: DPOConfig):
-    from trainer.data.tokenizer import load_tokenizer
-    from trainer.sft.run import resolve_tokenizer_dir
+    from trainer.sft.run import load_chat_tokenizer
 
-    tokenizer = ensure_chat_template(load_tokenizer(resolve_tokenizer_dir(cfg)), cfg.dpo.chat_template)
-    if tokenizer.pad_token_id is None:
-        # Padding carries IGNORE_INDEX labels and sits after every real token; any id works.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_chat_tokenizer(cfg, cfg.dpo.chat_template)
 
 
 def check_dpo_config(cfg: DPOConfig) -> None:

@@ -81,17 +81,9 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     """(where, row) for every row of a JSONL/JSON file or a save_to_disk folder; `where` is 'file:line'."""
     path = Path(path)
     if path.is_dir():
-        import datasets
+        from trainer.data.sources import load_disk_dataset
 
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as exc:  # a corrupt or foreign folder; say which one
-            raise DataError(f"{path}: cannot be loaded with datasets.load_from_disk: {exc}") from exc
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise DataError(f"{path}: dataset has splits {', '.join(ds)} but no 'train' split")
-            ds = ds["train"]
-        for i, row in enumerate(ds):
+        for i, row in enumerate(load_disk_dataset(path)):
             yield f"{path}:row {i + 1}", row
         return
     if not path.is_file():

@@ -47,10 +47,11 @@ def resolve_tokenizer_dir(cfg: SFTConfig) -> Path:
     raise ConfigError("defaults: data.tokenizer: no tokenizer given and none found with model.init_from")
 
 
-def load_chat_tokenizer(cfg: SFTConfig):
+def load_chat_tokenizer(cfg, chat_template: str):
+    """The run's tokenizer with its chat template (SFT and DPO alike) and a pad token."""
     from trainer.data.tokenizer import load_tokenizer
 
-    tokenizer = ensure_chat_template(load_tokenizer(resolve_tokenizer_dir(cfg)), cfg.sft.chat_template)
+    tokenizer = ensure_chat_template(load_tokenizer(resolve_tokenizer_dir(cfg)), chat_template)
     if tokenizer.pad_token_id is None:
         # Padding positions carry IGNORE_INDEX labels; any id works, EOS is always in the vocabulary.
         tokenizer.pad_token = tokenizer.eos_token
@@ -85,7 +86,7 @@ def run_sft(cfg: SFTConfig, resume: str | None = None) -> RunResult:
     check_sft_config(cfg)
     precision = resolve_precision(cfg.train.precision)
     model_cfg = model_config_from(cfg)
-    tokenizer = load_chat_tokenizer(cfg)
+    tokenizer = load_chat_tokenizer(cfg, cfg.sft.chat_template)
     if len(tokenizer) > model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {model_cfg.vocab_size}")
     seq_len = cfg.data.seq_len
