@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import pytest
 import torch
@@ -156,3 +157,30 @@ def test_precision_auto_and_fp16_on_cpu():
     assert resolve_precision("auto") == "fp32"
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_nonfinite_skip_under_two_rank_zero(tmp_path, zero_stage):
+    """Under ZeRO too: a fully non-finite step leaves the weights exactly as they were, is counted,
+    and training goes on (micro-batches 5 and 6 make step 3; 9 is half of step 5)."""
+    from tests.pretrain_run import REPO_ROOT, VENV_BIN, env
+    from trainer.export import consolidated_state_dict
+
+    cmd = [str(VENV_BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--use_deepspeed", "--zero_stage", str(zero_stage),
+           "-m", "tests.nonfinite_worker", "5,6,9", f"train.output_dir={tmp_path}",
+           f"train.deepspeed=zero{zero_stage}", "checkpoint.every=1", "checkpoint.keep_last=10"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = records(tmp_path)
+    assert {r["world_size"] for r in rows} == {2}
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert math.isnan(rows[2]["loss"]) and rows[2]["grad_norm"] is None
+    assert all(math.isfinite(r["loss"]) for i, r in enumerate(rows) if i != 2)
+    assert rows[-1]["nonfinite_total"] == 1 and rows[-1]["loss"] < rows[0]["loss"]
+    before = consolidated_state_dict(tmp_path / "checkpoints" / "step_00000002")
+    after = consolidated_state_dict(tmp_path / "checkpoints" / "step_00000003")
+    later = consolidated_state_dict(tmp_path / "checkpoints" / "step_00000004")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not all(torch.equal(after[k], later[k]) for k in after)

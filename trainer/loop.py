@@ -78,6 +78,17 @@ def _any_rank_true(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
+def _zero_loss(model: nn.Module, device: torch.device) -> torch.Tensor:
+    """A finite zero to backpropagate instead of a non-finite loss, so every engine sees the micro-step
+    it expects: it reaches each trainable weight with an exact zero gradient (DDP buckets and ZeRO-1/2
+    reduction hooks need every gradient). ZeRO-3 weights are partitioned outside forward, and its
+    hooks cope with none arriving, so there a bare zero with a graph (DeepSpeed asserts a grad_fn) is used."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or any(hasattr(p, "ds_id") for p in params):
+        return torch.zeros((), device=device, requires_grad=True) * 1.0
+    return torch.stack([p.sum() for p in params]).sum() * 0.0
+
+
 def summarize(totals: dict[str, float]) -> dict[str, float]:
     """Turn summed statistics into means: `x_sum`/`tokens` for token-weighted ones, `x_sum`/`count` otherwise."""
     out = {}
@@ -187,8 +198,7 @@ def train(
                         for k, v in stats.items():
                             totals[k] = totals.get(k, 0) + v.detach().float()
                     else:
-                        # Backpropagate a zero so DeepSpeed's micro-step bookkeeping stays aligned.
-                        loss = torch.zeros((), device=accelerator.device, requires_grad=True)
+                        loss = _zero_loss(model, accelerator.device)
                     last_micro = micro == tcfg.grad_accum_steps - 1
                     if last_micro and finite_micro == 0:
                         # A step with no finite micro-batch must not move the weights.
@@ -207,6 +217,7 @@ def train(
             state.tokens_seen += global_tokens
 
             if finite_micro == 0:
+                grad_norm = None  # DeepSpeed would report the previous step's norm
                 state.nonfinite_in_a_row += 1
                 state.nonfinite_total += 1
                 logger.print(f"step {state.step}: non-finite loss on every micro-batch, update skipped "
