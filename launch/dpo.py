@@ -7,18 +7,9 @@ from __future__ import annotations
 
 import sys
 
-from trainer.cli import guarded, run_parser
-from trainer.config import load_config
+from trainer.cli import run_entry_point
 from trainer.dpo.config import DPOConfig
 from trainer.dpo.run import run_dpo
 
-
-def main() -> int:
-    args = run_parser(__doc__.splitlines()[1]).parse_args()
-    cfg = load_config(args.config, args.overrides, schema=DPOConfig)
-    run_dpo(cfg, resume=args.resume)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(guarded(main))
+    sys.exit(run_entry_point(__doc__, DPOConfig, lambda cfg, resume: run_dpo(cfg, resume=resume)))

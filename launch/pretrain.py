@@ -7,17 +7,9 @@ from __future__ import annotations
 
 import sys
 
-from trainer.cli import guarded, run_parser
-from trainer.config import load_config
+from trainer.cli import run_entry_point
+from trainer.config import RunConfig
 from trainer.pretrain import run_pretraining
 
-
-def main() -> int:
-    args = run_parser(__doc__.splitlines()[1]).parse_intermixed_args()
-    cfg = load_config(args.config, args.overrides)
-    run_pretraining(cfg, resume=args.resume)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(guarded(main))
+    sys.exit(run_entry_point(__doc__, RunConfig, lambda cfg, resume: run_pretraining(cfg, resume=resume)))

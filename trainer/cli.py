@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, RunConfig, load_config
 from trainer.loop import NonFiniteLossError
 
 
@@ -22,6 +22,20 @@ def run_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser
+
+
+def run_entry_point(doc: str, schema: type[RunConfig], run: Callable[[RunConfig, str | None], object]) -> int:
+    """The whole `main` of pretrain.py, sft.py and dpo.py: parse, validate, run, clean errors.
+
+    Options and overrides may come in any order (`--resume auto train.max_steps=10` as well as the
+    reverse), hence the intermixed parse.
+    """
+    def main() -> int:
+        args = run_parser(doc.strip().splitlines()[0]).parse_intermixed_args()
+        run(load_config(args.config, args.overrides, schema=schema), args.resume)
+        return 0
+
+    return guarded(main)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
