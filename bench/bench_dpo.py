@@ -150,23 +150,23 @@ def run_ours(args: argparse.Namespace, work: Path, name: str) -> dict:
     baseline = _rss_bytes()
     start = time.perf_counter()
     if name == "sft":
-        import trainer.sft.loader as sft_loader
+        import trainer.sft.task as sft_task
         from trainer.sft.config import SFTConfig
-        from trainer.sft.run import run_sft
+        from trainer.sft.task import run_sft
 
-        # run_sft imports its loader class when called: replace it where it is looked up.
-        sft_loader.SFTLoader = _clocked(sft_loader.SFTLoader, marks, now)
+        # Replaced where the task looks it up.
+        sft_task.SFTLoader = _clocked(sft_task.SFTLoader, marks, now)
 
         cfg = load_config(None, _common_overrides(args, work, name, 2 * args.batch_pairs) + [
             f"sft.train_files=[{work / 'sft.jsonl'}]", "sft.packing=false", "sft.chat_template=llama3"]
             + [f"sft.{x}" for x in lora], schema=SFTConfig)
         run_sft(cfg)
     else:
-        import trainer.dpo.run as dpo_run
+        import trainer.dpo.task as dpo_task
         from trainer.dpo.config import DPOConfig
-        from trainer.dpo.run import run_dpo
+        from trainer.dpo.task import run_dpo
 
-        dpo_run.PairLoader = _clocked(dpo_run.PairLoader, marks, now)
+        dpo_task.PairLoader = _clocked(dpo_task.PairLoader, marks, now)
 
         cfg = load_config(None, _common_overrides(args, work, name, args.batch_pairs) + [
             f"dpo.train_files=[{work / 'pairs.jsonl'}]", f"dpo.max_prompt_len={args.max_prompt_len}",

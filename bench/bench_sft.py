@@ -118,8 +118,8 @@ def run_ours(args: argparse.Namespace, work: Path, packing: bool) -> dict:
     from trainer.sft.data import load_sft_examples
     from trainer.sft.loader import SFTLoader
     from trainer.sft.objective import sft_objective
-    from trainer.sft.peft_setup import apply_method
-    from trainer.sft.run import load_chat_tokenizer
+    from trainer.tuning.methods import apply_method
+    from trainer.chat import load_chat_tokenizer
 
     cfg = load_config(None, [
         f"model.init_from={work / 'base'}", f"data.tokenizer={work / 'tokenizer'}", f"data.seq_len={args.seq_len}",
@@ -137,7 +137,7 @@ def run_ours(args: argparse.Namespace, work: Path, packing: bool) -> dict:
     base = load_pretrained(cfg.model.init_from)
     meter = RealTokenMeter(tokenizer.pad_token_id)
     base.register_forward_pre_hook(meter, with_kwargs=True)
-    model = apply_method(base, cfg.sft)
+    model = apply_method(base, cfg.sft, key="sft")
     loader = SFTLoader(examples, batch_size=args.batch_size, seq_len=args.seq_len, pad_id=tokenizer.pad_token_id,
                        packing=packing, seed=0)
     train(cfg, accelerator=accelerator, model=model, objective=sft_objective, train_loader=loader,

@@ -9,7 +9,7 @@ import sys
 
 from trainer.cli import run_entry_point
 from trainer.dpo.config import DPOConfig
-from trainer.dpo.run import run_dpo
+from trainer.dpo.task import run_dpo
 
 if __name__ == "__main__":
     sys.exit(run_entry_point(__doc__, DPOConfig, lambda cfg, resume: run_dpo(cfg, resume=resume)))

@@ -4,6 +4,8 @@
         --shards runs/demo/data/tokens/val --seq-len 128
     python launch/evaluate.py --predictions preds.jsonl          # rows {"prediction": .., "reference": ..}
     python launch/evaluate.py --model out/hf --lm-eval-tasks hellaswag --limit 100   # needs .[eval]
+
+--model is anything launch/generate.py takes: a run folder, a checkpoint, an HF Llama folder or an adapter.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def read_predictions(path: Path) -> tuple[list[str], list[str]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="one of our checkpoints or an HF Llama folder")
+    parser.add_argument("--model", help="a run folder, one of our checkpoints, an HF Llama folder or an adapter")
     parser.add_argument("--shards", help="a token-shard split folder (prepare_data's OUT/val) for perplexity")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -51,9 +53,9 @@ def main() -> int:
     results: dict = {}
     if args.shards:
         from eval.perplexity import shard_perplexity
-        from trainer.export import load_pretrained
+        from trainer.export import load_model
 
-        model = load_pretrained(args.model)
+        model = load_model(args.model)
         results["perplexity"] = shard_perplexity(model, args.shards, args.seq_len, args.batch_size, args.max_batches)
     if args.predictions:
         from eval.text_metrics import bleu, rouge

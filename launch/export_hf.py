@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from trainer.atomic import is_occupied
 from trainer.cli import guarded
 from trainer.export import export_checkpoint, export_merged
 
@@ -19,24 +20,30 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?",
-                        help="a checkpoint folder (OUTPUT/checkpoints/step_XXXXXXXX); with --adapter: the base "
-                             "(checkpoint, run folder or HF folder; default: the adapter's own base)")
-    parser.add_argument("out", help="output folder (replaced atomically)")
+                        help="a checkpoint folder (OUTPUT/checkpoints/step_XXXXXXXX) or a run folder (its newest); "
+                             "with --adapter: the base (checkpoint, run folder or HF folder; default: the "
+                             "adapter's own base)")
+    parser.add_argument("out", help="output folder, written whole or not at all")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     parser.add_argument("--adapter", help="an SFT run's adapter/ folder (LoRA/QLoRA) to merge into the base")
     parser.add_argument("--tokenizer", help="tokenizer folder to include (default: the run's data.tokenizer, "
                                             "or the adapter's tokenizer)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: fp32)")
     parser.add_argument("--max-shard-size", default=None, help='split safetensors, e.g. "2GB"')
     args = parser.parse_args()
+    if not args.overwrite and is_occupied(args.out):
+        parser.error(f"{args.out}: already exists and is not empty (pass --overwrite to replace it)")
     if args.adapter:
         out = export_merged(args.adapter, args.out, base=args.checkpoint, tokenizer_dir=args.tokenizer,
-                            dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size)
+                            dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size,
+                            overwrite=args.overwrite)
         print(f"merged {args.adapter} into {args.checkpoint or 'its base'} -> {out}")
         return 0
     if args.checkpoint is None:
         parser.error("a checkpoint folder is required (or --adapter)")
     out = export_checkpoint(args.checkpoint, args.out, tokenizer_dir=args.tokenizer,
-                            dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size)
+                            dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size,
+                            overwrite=args.overwrite)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 

@@ -20,33 +20,16 @@ from trainer.cli import guarded
 
 
 def find_tokenizer_dir(model: str, adapter: str | None, explicit: str | None) -> Path:
-    """--tokenizer, else the adapter's, the SFT run's, the HF folder's or the checkpoint run's tokenizer."""
-    from trainer.export import checkpoint_tokenizer_dir, is_checkpoint, resolve_model_source
+    """--tokenizer, else the one that goes with the adapter, else with the model (see trainer.run_folder)."""
+    from trainer.run_folder import resolve
 
     if explicit:
         return Path(explicit)
-    candidates = [Path(adapter)] if adapter else []
-    candidates += [Path(model) / "tokenizer", Path(model)]
-    for folder in candidates:
-        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
-            return folder
-    source = resolve_model_source(model)
-    if is_checkpoint(source) and checkpoint_tokenizer_dir(source) is not None:
-        return checkpoint_tokenizer_dir(source)
+    for path in ([adapter] if adapter else []) + [model]:
+        found = resolve(path).tokenizer
+        if found is not None:
+            return found
     raise FileNotFoundError(f"{model}: no tokenizer found beside the model; pass --tokenizer")
-
-
-def load_model(model: str, adapter: str | None):
-    """(model, adapter folder used or None). An SFT run folder with an adapter/ uses it on the adapter's base."""
-    from trainer.export import load_pretrained, load_with_adapter
-
-    if adapter is None and (Path(model) / "adapter" / "adapter_config.json").is_file():
-        return load_with_adapter(Path(model) / "adapter"), str(Path(model) / "adapter")
-    if adapter is None and (Path(model) / "model" / "config.json").is_file():
-        return load_pretrained(Path(model) / "model"), None  # a full fine-tuning run's export
-    if adapter is not None:
-        return load_with_adapter(adapter, base=model), adapter
-    return load_pretrained(model), None
 
 
 def read_prompts(args) -> list[str | list[dict]]:
@@ -103,8 +86,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True,
-                        help="our checkpoint or run folder (newest checkpoint), an SFT run folder, "
-                             "or an HF Llama folder")
+                        help="a run folder (its adapter/, else model/, else newest checkpoint), a checkpoint, "
+                             "an HF Llama folder, or an adapter folder (on its own base)")
     parser.add_argument("--adapter", help="an SFT adapter/ folder to apply on --model")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: found beside the model)")
     parser.add_argument("--chat-template", default="auto", choices=["auto", "llama3", "chatml"])
@@ -124,12 +107,13 @@ def main() -> int:
     from model_defs.generate import generate
     from trainer.chat import ensure_chat_template, stop_token_ids
     from trainer.data.tokenizer import load_tokenizer
+    from trainer.export import load_model
 
     prompts = read_prompts(args)
     tokenizer = load_tokenizer(find_tokenizer_dir(args.model, args.adapter, args.tokenizer))
     if not args.raw:
         ensure_chat_template(tokenizer, args.chat_template)
-    model, _ = load_model(args.model, args.adapter)
+    model = load_model(args.model, args.adapter)
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = left_pad([encode(tokenizer, p, args.system, args.raw) for p in prompts], pad_id)

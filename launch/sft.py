@@ -9,7 +9,7 @@ import sys
 
 from trainer.cli import run_entry_point
 from trainer.sft.config import SFTConfig
-from trainer.sft.run import run_sft
+from trainer.sft.task import run_sft
 
 if __name__ == "__main__":
     sys.exit(run_entry_point(__doc__, SFTConfig, lambda cfg, resume: run_sft(cfg, resume=resume)))

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_directory
 from .config import ROPE_SCALING_KEYS, ModelConfig
 from .model import Transformer
 
@@ -43,6 +42,7 @@ _SUPPORTED_ROPE_TYPES = ("default", *ROPE_SCALING_KEYS)
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+_SAVED_FILE = re.compile(r"config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 
 
 # ----------------------------------------------------------------------------- config
@@ -270,9 +270,10 @@ def save_hf_model(
 ) -> Path:
     """Write config.json + safetensors (+ index when sharded) that `AutoModelForCausalLM` loads.
 
-    max_shard_size: bytes, or a string like "2GB" / "500MB"; None writes one file. Files are
-    written to a temporary folder first, so a failure leaves `out_dir` as it was. Pass an
-    unwrapped model (not DDP/compiled) or its state dict.
+    max_shard_size: bytes, or a string like "2GB" / "500MB"; None writes one file. The folder
+    is written whole or not at all; an existing `out_dir` is replaced only when it holds nothing
+    but an earlier save's files, and refused otherwise. Pass an unwrapped model (not
+    DDP/compiled) or its state dict.
     """
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     hf_state = {k: v.detach().to("cpu").contiguous() for k, v in state_dict_to_hf(state, cfg).items()}
@@ -281,32 +282,24 @@ def save_hf_model(
     shards = _split_shards(hf_state, _parse_size(max_shard_size))
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
-    try:
-        names: list[str] = []
+    # A whole new folder, so an earlier save with another shard count leaves no stale shards.
+    with atomic_directory(out_dir, replace=_holds_only_saved_files(out_dir)) as tmp:
         weight_map: dict[str, str] = {}
         for i, shard in enumerate(shards):
             name = SAFE_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, tmp / name, metadata={"format": "pt"})
-            names.append(name)
             weight_map.update({k: name for k in shard})
         if len(shards) > 1:
             total = sum(t.numel() * t.element_size() for t in hf_state.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2))
-            names.append(SAFE_INDEX)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        names.append("config.json")
-        # A previous export with another shard count must not leave stale shards beside the new ones.
-        for old in [*out_dir.glob("model*.safetensors"), out_dir / SAFE_INDEX]:
-            if old.is_file():
-                old.unlink()
-        for name in names:
-            os.replace(tmp / name, out_dir / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _holds_only_saved_files(folder: Path) -> bool:
+    """Replacing such a folder loses nothing that another save would not write again."""
+    return folder.is_dir() and all(p.is_file() and _SAVED_FILE.fullmatch(p.name) for p in folder.iterdir())
 
 
 def _parse_size(size: int | str | None) -> int | None:

@@ -38,6 +38,8 @@ def env() -> dict[str, str]:
     e["PATH"] = f"{VENV_BIN}{os.pathsep}{e.get('PATH', '')}"
     e.setdefault("OMP_NUM_THREADS", "1")
     e["PYTHONUNBUFFERED"] = "1"
+    # A DeepSpeed op build killed half-way leaves a lock that stalls every later start in the shared cache.
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / f"llamatrain-tests-ext-{os.getuid()}"))
     return e
 
 
@@ -56,7 +58,16 @@ def launch_command(entry: str, args: list[str], ranks: int = 1, zero_stage: int 
 
 
 def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    """Run to the end; on timeout the whole process group goes (launcher workers outlive their launcher)."""
+    popen = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        out, err = popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(popen.pid, signal.SIGKILL)
+        popen.communicate()
+        raise
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

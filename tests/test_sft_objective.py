@@ -12,7 +12,7 @@ from trainer.sft.config import SFTSection
 from trainer.sft.data import tokenize_examples
 from trainer.sft.loader import collate_packed, collate_padded, pack_rows
 from trainer.sft.objective import sft_objective
-from trainer.sft.peft_setup import apply_method, check_method_supported, trainable_summary
+from trainer.tuning.methods import apply_method, check_method_supported, trainable_summary
 
 
 @pytest.fixture(scope="module")
@@ -80,23 +80,23 @@ def _trainable(model) -> set[str]:
 
 
 def test_lora_targets_every_linear_layer_by_default_and_accepts_hf_names():
-    model = apply_method(tiny_model(300), SFTSection(method="lora"))
+    model = apply_method(tiny_model(300), SFTSection(method="lora"), key="sft")
     names = _trainable(model)
     assert names and all("lora_" in n for n in names)
     assert {n.split(".")[-4] for n in names} == {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
     assert "trainable parameters" in trainable_summary(model)
     hf_named = apply_method(tiny_model(300), SFTSection(method="lora",
-                                                        lora={"target_modules": ["q_proj", "down_proj"]}))
+                                                        lora={"target_modules": ["q_proj", "down_proj"]}), key="sft")
     assert {n.split(".")[-4] for n in _trainable(hf_named)} == {"wq", "w2"}
     with pytest.raises(ValueError, match="unknown module"):
         SFTSection(method="lora", lora={"target_modules": ["qkv"]})
-    full = apply_method(tiny_model(300), SFTSection(method="full"))
+    full = apply_method(tiny_model(300), SFTSection(method="full"), key="sft")
     assert all(p.requires_grad for p in full.parameters())
 
 
 def test_prompt_tuning_trains_only_the_virtual_tokens(tok):
     section = SFTSection(method="prompt_tuning", packing=False, prompt_tuning={"num_virtual_tokens": 4})
-    model = apply_method(tiny_model(len(tok)), section, tokenizer=tok)
+    model = apply_method(tiny_model(len(tok)), section, key="sft", tokenizer=tok)
     assert _trainable(model) == {"prompt_encoder.embedding.weight"}
     ids = torch.randint(0, len(tok), (2, 9))
     logits = model(ids)
@@ -104,11 +104,11 @@ def test_prompt_tuning_trains_only_the_virtual_tokens(tok):
     logits.sum().backward()
     assert model.prompt_encoder.embedding.weight.grad.abs().sum() > 0
     text = apply_method(tiny_model(len(tok)), SFTSection(method="prompt_tuning", packing=False, prompt_tuning={
-        "num_virtual_tokens": 3, "init": "text", "init_text": "Answer:"}), tokenizer=tok)
+        "num_virtual_tokens": 3, "init": "text", "init_text": "Answer:"}), key="sft", tokenizer=tok)
     first = tok("Answer:")["input_ids"][0]
     assert torch.equal(text.prompt_encoder.embedding.weight[0], text.base_model.tok_embeddings.weight[first])
     with pytest.raises(ValueError, match="prompt_tuning needs sft.packing=false"):
-        check_method_supported(SFTSection(method="prompt_tuning"), deepspeed_stage=None, cuda=False)
+        check_method_supported(SFTSection(method="prompt_tuning"), key="sft", deepspeed_stage=None, cuda=False)
 
 
 def test_qlora_quantizes_the_base_to_nf4_and_trains_lora():
@@ -116,10 +116,10 @@ def test_qlora_quantizes_the_base_to_nf4_and_trains_lora():
     import bitsandbytes as bnb
 
     with pytest.raises(ValueError, match="qlora with train.deepspeed ZeRO-3 is unsupported"):
-        check_method_supported(SFTSection(method="qlora"), deepspeed_stage=3, cuda=torch.cuda.is_available())
-    check_method_supported(SFTSection(method="qlora"), deepspeed_stage=2, cuda=torch.cuda.is_available())
+        check_method_supported(SFTSection(method="qlora"), key="sft", deepspeed_stage=3, cuda=torch.cuda.is_available())
+    check_method_supported(SFTSection(method="qlora"), key="sft", deepspeed_stage=2, cuda=torch.cuda.is_available())
     reference = tiny_model(300, seed=4)
-    model = apply_method(tiny_model(300, seed=4), SFTSection(method="qlora"), compute_dtype=torch.float32)
+    model = apply_method(tiny_model(300, seed=4), SFTSection(method="qlora"), key="sft", compute_dtype=torch.float32)
     layer = model.base_model.model.layers[0].attention.wq
     assert isinstance(layer.base_layer, bnb.nn.Linear4bit) and layer.base_layer.weight.quant_type == "nf4"
     device = layer.base_layer.weight.device

@@ -16,11 +16,15 @@ and the targets are exactly what it should emit after them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from trainer.config import ConfigError
+from trainer.data.tokenizer import load_tokenizer
 from trainer.objectives import IGNORE_INDEX
+from trainer.run_folder import tokenizer_for_model
 
 Message = dict[str, Any]
 
@@ -185,3 +189,23 @@ __all__ = [
     "CHAT_TEMPLATES", "ChatFormatError", "END_OF_TURN", "ensure_chat_template", "tokenize_conversation",
     "conversation_segments", "prompt_ids", "stop_token_ids", "template_name", "validate_messages",
 ]
+
+
+def resolve_tokenizer_dir(cfg) -> Path:
+    """`data.tokenizer`, else the tokenizer of the `init_from` model (an HF folder's own, or our run's)."""
+    if cfg.data.tokenizer:
+        return Path(cfg.data.tokenizer)
+    if cfg.model.init_from:
+        found = tokenizer_for_model(cfg.model.init_from)
+        if found is not None:
+            return found
+    raise ConfigError("defaults: data.tokenizer: no tokenizer given and none found with model.init_from")
+
+
+def load_chat_tokenizer(cfg, chat_template: str) -> PreTrainedTokenizerBase:
+    """A tuning run's tokenizer with its chat template and a pad token."""
+    tokenizer = ensure_chat_template(load_tokenizer(resolve_tokenizer_dir(cfg)), chat_template)
+    if tokenizer.pad_token_id is None:
+        # Padding positions carry IGNORE_INDEX labels; any id works, EOS is always in the vocabulary.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -3,7 +3,8 @@
 Layout: OUTPUT/checkpoints/step_00000100/ holds Accelerate's state (DeepSpeed writes one
 shard set per rank), every rank's RNG, the scheduler, `trainer_state.json` (step, tokens
 seen, data position) and the resolved `config.yaml`; `COMPLETE` is written last, so a
-folder without it is a partial write and is never resumed from.
+folder without it is a partial write and is never resumed from. Finding checkpoints in a run
+folder is `trainer.run_folder`'s.
 """
 from __future__ import annotations
 
@@ -15,46 +16,25 @@ from typing import Any
 
 from accelerate import Accelerator
 
-COMPLETE_MARKER = "COMPLETE"
+from trainer.atomic import commit_directory, staging_path
+from trainer.run_folder import COMPLETE_MARKER, STEP_PREFIX, checkpoints_root, complete_checkpoints, find_checkpoint
+
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG_FILE = "model_config.json"
-_PREFIX = "step_"
-
-
-def checkpoints_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def step_of(path: Path) -> int:
-    return int(path.name.removeprefix(_PREFIX))
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Committed checkpoints, oldest first."""
-    root = checkpoints_root(output_dir)
-    if not root.is_dir():
-        return []
-    found = [
-        p for p in root.iterdir()
-        if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()
-        and (p / COMPLETE_MARKER).is_file()
-    ]
-    return sorted(found, key=step_of)
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """`auto`: the newest complete checkpoint, or None for a fresh start; a path: must be complete."""
+    """`auto`: the newest complete checkpoint, or None for a fresh start; a path: a complete checkpoint,
+    or a run folder's newest."""
     if resume is None:
         return None
     if resume == "auto":
         done = complete_checkpoints(output_dir)
         return done[-1] if done else None
-    path = Path(resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
-    if not (path / COMPLETE_MARKER).is_file():
-        raise ValueError(f"--resume {resume}: checkpoint is incomplete (no {COMPLETE_MARKER} marker)")
-    return path
+    try:
+        return find_checkpoint(resume)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"--resume {err}") from None
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -74,11 +54,12 @@ def save_checkpoint(
     extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Every rank calls this; DeepSpeed writes each rank's shards into the shared temp folder."""
-    root = checkpoints_root(output_dir)
-    final = root / f"{_PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}"
+    final = checkpoints_root(output_dir) / f"{STEP_PREFIX}{step:08d}"
+    # Not atomic_directory: every rank writes its own shards into the folder, so its name must be
+    # one each rank computes alike, and only rank 0 commits it.
+    tmp = staging_path(final, unique=False)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier save of this step
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
@@ -88,9 +69,7 @@ def save_checkpoint(
         _fsync_write(tmp / "config.yaml", config_yaml)
         for name, text in (extra_files or {}).items():
             _fsync_write(tmp / name, text)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        commit_directory(tmp, final, replace=True)  # the same step again: this run's own
         _fsync_write(final / COMPLETE_MARKER, f"step {step}\n")
         for old in complete_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

@@ -135,3 +135,11 @@ def build_accelerator(cfg: RunConfig, hidden_size: int, precision: str) -> Accel
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
+
+
+def zero_stage(accelerator: Accelerator) -> int | None:
+    """The ZeRO stage of the DeepSpeed config in force (ours or the launcher's); None without DeepSpeed."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return None
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))

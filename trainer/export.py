@@ -3,23 +3,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from model_defs import ModelConfig, Transformer
 from model_defs.hf import config_from_hf, load_hf_model, save_hf_model
-from trainer.checkpoint import COMPLETE_MARKER, MODEL_CONFIG_FILE
+from trainer.atomic import atomic_directory, refuse_occupied
+from trainer.checkpoint import MODEL_CONFIG_FILE
+from trainer.run_folder import COMPLETE_MARKER, find_checkpoint, is_checkpoint, model_source, resolve
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja")
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / COMPLETE_MARKER).is_file()
 
 
 def checkpoint_model_config(checkpoint: str | Path) -> ModelConfig:
@@ -49,19 +45,6 @@ def consolidated_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
-def resolve_model_source(path: str | Path) -> Path:
-    """A run folder (holding `checkpoints/`) stands for its newest complete checkpoint; anything else is itself."""
-    from trainer.checkpoint import complete_checkpoints
-
-    path = Path(path)
-    if not is_checkpoint(path) and (path / "checkpoints").is_dir():
-        done = complete_checkpoints(path)
-        if not done:
-            raise FileNotFoundError(f"{path}: run folder has no complete checkpoint")
-        return done[-1]
-    return path
-
-
 def with_tied_head(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """safetensors stores a shared tensor once; a tied LM head is the embedding table again."""
     if cfg.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
@@ -71,12 +54,10 @@ def with_tied_head(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
 
 def source_model_config(path: str | Path, **overrides) -> ModelConfig:
     """The ModelConfig of one of our checkpoints (or a run folder's newest) or of a local HF Llama folder."""
-    path = resolve_model_source(path)
+    path = model_source(path)
     if is_checkpoint(path):
         return ModelConfig.from_dict({**checkpoint_model_config(path).to_dict(), **overrides})
     config_json = path / "config.json"
-    if not config_json.is_file():
-        raise FileNotFoundError(f"{path}: neither a checkpoint of ours nor an HF model folder (no config.json)")
     try:
         return config_from_hf(json.loads(config_json.read_text()), **overrides)
     except ValueError as err:
@@ -85,9 +66,7 @@ def source_model_config(path: str | Path, **overrides) -> ModelConfig:
 
 def load_pretrained(path: str | Path, **overrides) -> Transformer:
     """Our Transformer with the weights of one of our checkpoints (or a run folder's newest) or of a local HF Llama folder."""
-    path = resolve_model_source(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such model folder")
+    path = model_source(path)
     if not is_checkpoint(path):
         return load_hf_model(path, **overrides)
     cfg = source_model_config(path, **overrides)
@@ -96,13 +75,16 @@ def load_pretrained(path: str | Path, **overrides) -> Transformer:
     return model
 
 
-def checkpoint_tokenizer_dir(checkpoint: str | Path) -> Path | None:
-    """The tokenizer the run trained with, as recorded in the checkpoint's resolved config."""
-    config = Path(checkpoint) / "config.yaml"
-    if not config.is_file():
-        return None
-    tokenizer = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("tokenizer")
-    return Path(tokenizer) if tokenizer else None
+def load_model(path: str | Path, adapter: str | Path | None = None):
+    """The model `path` stands for, ready to run: `adapter` on it as the base when given; a run
+    folder's adapter/ on its base, else its exported model/, else its newest checkpoint; an adapter
+    folder on its own base; a checkpoint or an HF folder as it is."""
+    if adapter is not None:
+        return load_with_adapter(adapter, base=path)
+    paths = resolve(path)
+    if paths.adapter is not None:
+        return load_with_adapter(paths.adapter)
+    return load_pretrained(paths.model if paths.is_run and paths.model is not None else path)
 
 
 def copy_tokenizer(tokenizer_dir: str | Path, out_dir: str | Path) -> None:
@@ -115,40 +97,32 @@ def copy_tokenizer(tokenizer_dir: str | Path, out_dir: str | Path) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                      dtype: torch.dtype | None = None, max_shard_size: str | None = None) -> Path:
-    """Consolidate a checkpoint into an HF Llama folder (safetensors + config + tokenizer).
-
-    Written next to `out_dir` first and renamed into place, so a failure leaves nothing half-written.
-    """
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+                      dtype: torch.dtype | None = None, max_shard_size: str | None = None,
+                      overwrite: bool = False) -> Path:
+    """Consolidate a checkpoint (or a run folder's newest) into an HF Llama folder (safetensors +
+    config + the run's tokenizer unless `tokenizer_dir` names another)."""
+    checkpoint = find_checkpoint(checkpoint)
+    refuse_occupied(out_dir, overwrite)  # before gathering the shards, which may take minutes
     cfg = checkpoint_model_config(checkpoint)
     state = with_tied_head(consolidated_state_dict(checkpoint), cfg)
-    return write_hf_folder(state, cfg, out_dir, tokenizer_dir or checkpoint_tokenizer_dir(checkpoint),
-                           dtype=dtype, max_shard_size=max_shard_size)
+    return write_hf_folder(state, cfg, out_dir, tokenizer_dir or resolve(checkpoint).tokenizer,
+                           dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
 
 
 def write_hf_folder(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
                     tokenizer_dir: str | Path | None = None, dtype: torch.dtype | None = None,
-                    max_shard_size: str | None = None) -> Path:
-    """An HF Llama folder (safetensors + config + tokenizer files when present), staged beside
-    `out_dir` and renamed into place so a failure leaves nothing half-written."""
-    out_dir = Path(out_dir)
+                    max_shard_size: str | None = None, overwrite: bool = False) -> Path:
+    """An HF Llama folder (safetensors + config + tokenizer files when present), written whole or not
+    at all; an existing non-empty `out_dir` is replaced only with `overwrite`."""
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} not found")
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        save_hf_model(state, cfg, staging / "model", max_shard_size=max_shard_size)
-        if tokenizer_dir is not None and any((Path(tokenizer_dir) / n).is_file() for n in TOKENIZER_FILES):
-            copy_tokenizer(tokenizer_dir, staging / "model")
-        elif tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
-            raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} not found")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        (staging / "model").rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+    with atomic_directory(out_dir, replace=overwrite) as staging:
+        save_hf_model(state, cfg, staging, max_shard_size=max_shard_size)
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, staging)
+    return Path(out_dir)
 
 
 def load_with_adapter(adapter_dir: str | Path, base: str | Path | None = None, merge: bool = True):
@@ -168,7 +142,7 @@ def load_with_adapter(adapter_dir: str | Path, base: str | Path | None = None, m
         raise ValueError(f"{config_path}: no base_model_name_or_path; name the base model explicitly")
     model = load_pretrained(base)
     if config.get("peft_type") == "PROMPT_TUNING":
-        from trainer.sft.prompt_tuning import load_prompt_tuned
+        from trainer.tuning.prompt_tuning import load_prompt_tuned
 
         return load_prompt_tuned(model, adapter_dir)
     if config.get("peft_type") != "LORA":
@@ -184,10 +158,19 @@ def load_with_adapter(adapter_dir: str | Path, base: str | Path | None = None, m
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None = None,
                   tokenizer_dir: str | Path | None = None, dtype: torch.dtype | None = None,
-                  max_shard_size: str | None = None) -> Path:
+                  max_shard_size: str | None = None, overwrite: bool = False) -> Path:
     """Merge a LoRA/QLoRA adapter into its base and write a plain HF Llama folder (with the adapter's tokenizer)."""
+    refuse_occupied(out_dir, overwrite)
     model = load_with_adapter(adapter_dir, base=base, merge=True)
     if not isinstance(model, Transformer):
         raise ValueError(f"{adapter_dir}: a prompt-tuning adapter has no weights to merge; load it with peft instead")
     return write_hf_folder(model.state_dict(), model.cfg, out_dir, tokenizer_dir or adapter_dir,
-                           dtype=dtype, max_shard_size=max_shard_size)
+                           dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+# trainer/sft/run.py still imports these from here; their home is trainer.run_folder.
+resolve_model_source = model_source
+
+
+def checkpoint_tokenizer_dir(checkpoint: str | Path) -> Path | None:
+    return resolve(checkpoint).tokenizer

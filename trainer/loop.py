@@ -18,7 +18,7 @@ from torch import nn
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import RunConfig
 from trainer.metrics import RunLogger, device_peak_tflops
-from trainer.objectives import Objective
+from trainer.objectives import Objective, count_label_tokens
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.signals import StopRequest
 
@@ -68,25 +68,9 @@ def _global_sum(accelerator: Accelerator, stats: dict[str, torch.Tensor]) -> dic
     return dict(zip(keys, packed.tolist()))
 
 
-def _all_ranks_true(accelerator: Accelerator, flag: bool) -> bool:
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() == accelerator.num_processes)
-
-
 def _any_rank_true(accelerator: Accelerator, flag: bool) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(value, reduction="sum").item() > 0)
-
-
-def _zero_loss(model: nn.Module, device: torch.device) -> torch.Tensor:
-    """A finite zero to backpropagate instead of a non-finite loss, so every engine sees the micro-step
-    it expects: it reaches each trainable weight with an exact zero gradient (DDP buckets and ZeRO-1/2
-    reduction hooks need every gradient). ZeRO-3 weights are partitioned outside forward, and its
-    hooks cope with none arriving, so there a bare zero with a graph (DeepSpeed asserts a grad_fn) is used."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params or any(hasattr(p, "ds_id") for p in params):
-        return torch.zeros((), device=device, requires_grad=True) * 1.0
-    return torch.stack([p.sum() for p in params]).sum() * 0.0
 
 
 def summarize(totals: dict[str, float]) -> dict[str, float]:
@@ -136,9 +120,12 @@ def train(
     precision: str = "fp32",
     resume_from: str | Path | None = None,
     checkpoint_files: dict[str, str] | None = None,
+    count_targets: Callable[[dict[str, torch.Tensor]], torch.Tensor] = count_label_tokens,
 ) -> RunResult:
     """Run `cfg.train.max_steps` optimizer steps of `objective` over `train_loader`.
 
+    `count_targets(batch)` counts what the objective's `loss_sum` sums over (labelled tokens by
+    default, pairs for preference losses); each step's loss is divided by the all-ranks total.
     `val_batches` returns a fresh iterable of validation batches each time it is called.
     `flops_per_token` (training FLOPs, 6N + attention) turns throughput into MFU.
     `checkpoint_files` (name -> text) are written into every checkpoint, e.g. the model's own config.
@@ -179,48 +166,52 @@ def train(
     with StopRequest() as stop:
         while state.step < tcfg.max_steps:
             step_start = time.perf_counter()
-            data_time = 0.0
+            micro_batches = [next(batches) for _ in range(tcfg.grad_accum_steps)]
+            data_time = time.perf_counter() - step_start
+            # One collective before any forward: the step's targets over every micro-batch and rank
+            # (the loss normalizer) and its input tokens (throughput).
+            counts = torch.stack([torch.stack([count_targets(b) for b in micro_batches]).sum().float(),
+                                  torch.tensor(float(sum(b["input_ids"].numel() for b in micro_batches)))])
+            counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum")
+            # Engines average gradients over ranks and divide the loss by the accumulation steps;
+            # undoing both leaves sum(loss_sum) / step targets.
+            scale = (accelerator.num_processes * tcfg.grad_accum_steps) / counts[0].clamp(min=1)
             totals: dict[str, torch.Tensor] = {}
-            finite_micro = 0
-            input_tokens = 0
+            nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
             grad_norm = None
-            for micro in range(tcfg.grad_accum_steps):
-                t = time.perf_counter()
-                batch = _to_device(next(batches), accelerator.device)
-                data_time += time.perf_counter() - t
-                input_tokens += batch["input_ids"].numel()
+            for batch in micro_batches:
+                batch = _to_device(batch, accelerator.device)
                 with accelerator.accumulate(model):
-                    loss, stats = objective(model, batch)
-                    finite = _all_ranks_true(accelerator, bool(torch.isfinite(loss.detach()).all()))
-                    if finite or precision == "fp16":
-                        # fp16: the loss scaler owns overflow handling and skips the step itself.
-                        finite_micro += 1
-                        for k, v in stats.items():
-                            totals[k] = totals.get(k, 0) + v.detach().float()
-                    else:
-                        loss = _zero_loss(model, accelerator.device)
-                    last_micro = micro == tcfg.grad_accum_steps - 1
-                    if last_micro and finite_micro == 0:
-                        # A step with no finite micro-batch must not move the weights.
-                        for group in optimizer.param_groups:
-                            group["lr"] = 0.0
-                    accelerator.backward(loss)
+                    loss_sum, stats = objective(model, batch)
+                    # Tracked on the device: a host sync per micro-batch would stall the GPU queue.
+                    nonfinite |= ~torch.isfinite(loss_sum.detach())
+                    for k, v in stats.items():
+                        totals[k] = totals.get(k, 0) + v.detach().float()
+                    accelerator.backward(loss_sum * scale)
                     if accelerator.sync_gradients:
                         max_norm = cfg.optim.grad_clip or float("inf")
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                    # A non-finite gradient reaches every rank through the gradient reduction, and
+                    # every engine then leaves weights and moments alone (FiniteStepAdamW, DeepSpeed's
+                    # overflow check, the fp16 loss scaler): the whole step is skipped.
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+            if torch.is_tensor(grad_norm):
+                nonfinite |= ~torch.isfinite(grad_norm.detach().to(nonfinite.device))
+            elif grad_norm is not None and not math.isfinite(grad_norm):
+                nonfinite |= True
+            skipped = bool(nonfinite)  # the step's one host sync
             lr = raw_scheduler.get_last_lr()[0]
             raw_scheduler.step()
             state.step += 1
-            global_tokens = int(_global_sum(accelerator, {"n": torch.tensor(float(input_tokens))})["n"])
+            global_tokens = int(counts[1].item())
             state.tokens_seen += global_tokens
 
-            if finite_micro == 0:
+            if skipped and precision != "fp16":
                 grad_norm = None  # DeepSpeed would report the previous step's norm
                 state.nonfinite_in_a_row += 1
                 state.nonfinite_total += 1
-                logger.print(f"step {state.step}: non-finite loss on every micro-batch, update skipped "
+                logger.print(f"step {state.step}: non-finite loss or gradient, update skipped "
                              f"({state.nonfinite_in_a_row} in a row)")
                 if state.nonfinite_in_a_row >= tcfg.max_nonfinite_steps:
                     logger.close()
@@ -233,7 +224,9 @@ def train(
 
             if state.step % cfg.logging.log_every == 0 or state.step == tcfg.max_steps:
                 step_time = time.perf_counter() - step_start
-                metrics = summarize(_global_sum(accelerator, totals)) if totals else {"loss": float("nan")}
+                metrics = summarize(_global_sum(accelerator, totals))
+                if skipped:
+                    metrics["loss"] = float("nan")  # no update was made from it
                 if torch.is_tensor(grad_norm):
                     grad_norm = grad_norm.item()
                 tokens_per_s = global_tokens / step_time

@@ -1,9 +1,15 @@
 """Objectives: a batch in, a scalar loss and metrics out. The loop knows nothing else about them.
 
-An objective returns `(loss, stats)` where `loss` is what is backpropagated (mean over
-this micro-batch's target tokens) and `stats` holds summable tensors (e.g. `loss_sum`,
-`tokens`) that the loop all-reduces across ranks and micro-batches, so logged figures
-are global token-weighted means, not rank 0's.
+An objective returns `(loss_sum, stats)`: `loss_sum` is the SUM of the per-target losses of
+this micro-batch (targets: tokens with labels, or pairs), and `stats` holds summable tensors
+(`loss_sum`, and `tokens` or `count`, the number of targets) that the loop all-reduces across
+ranks and micro-batches, so logged figures are global means, not rank 0's.
+
+The loop divides every micro-batch's `loss_sum` by the number of targets of the whole step
+(all micro-batches, all ranks), counted from the batches before any forward by the task's
+`count_targets`: the gradient is then that of one big batch's mean, whatever the
+accumulation and rank count, and equals what is logged (the per-micro-batch mean that
+transformers < 4.46 averaged weighted short and long examples differently).
 """
 from __future__ import annotations
 
@@ -20,6 +26,11 @@ Stats = dict[str, torch.Tensor]
 
 class Objective(Protocol):
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]: ...
+
+
+def count_label_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The targets of a token-level objective: positions with a label."""
+    return (batch["labels"] != IGNORE_INDEX).sum()
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,8 +52,7 @@ def causal_lm_objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
         document_ids=batch.get("document_ids"),
     )  # (B, T, V)
     loss_sum, tokens = token_cross_entropy(logits, batch["labels"])
-    loss = loss_sum / tokens.clamp(min=1)
-    return loss, {"loss_sum": loss_sum.detach(), "tokens": tokens.detach().to(loss_sum.dtype)}
+    return loss_sum, {"loss_sum": loss_sum.detach(), "tokens": tokens.detach().to(loss_sum.dtype)}
 
 
 def across_documents(objective: Objective) -> Objective:

@@ -28,12 +28,33 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
     return groups
 
 
+class FiniteStepAdamW(torch.optim.AdamW):
+    """AdamW that leaves weights AND moments untouched when any gradient is non-finite.
+
+    The guard sits in the optimizer because that is the one call every engine makes at the
+    step boundary: plain PyTorch, DDP, and DeepSpeed ZeRO-0, whose fp32 path hands gradients
+    straight to it (ZeRO-1/2/3 and fp16 loss scaling detect overflow themselves and then do not
+    call it). Setting lr to 0 is not enough: the moments would still take in the gradient."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped_steps = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            self.skipped_steps += 1
+            return None
+        return super().step(closure)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
     # DeepSpeed drops empty groups (e.g. no decayed matrix when only a soft prompt trains), which would
     # leave the LambdaLR with more lambdas than the optimizer has groups.
     groups = [g for g in param_groups(model, cfg.weight_decay, cfg.decay_embeddings) if g["params"]]
     # One fused kernel per step instead of a Python loop over tensors (CPU and CUDA alike).
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused)
+    return FiniteStepAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused)
 
 
 def lr_multiplier(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

@@ -1,12 +1,11 @@
 """Write-then-rename output folders: a failed run leaves nothing half-written behind."""
 from __future__ import annotations
 
-import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from trainer.atomic import atomic_directory, is_occupied
 from trainer.data.sources import DataError
 
 
@@ -17,21 +16,7 @@ def staged_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     An existing non-empty `out` is refused unless `overwrite`, and is replaced only after the
     new folder is complete.
     """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if not overwrite and is_occupied(out):
         raise DataError(f"{out}: output folder exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(out, replace=overwrite) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(trash)
-        tmp.rename(out)
-        shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
-    else:
-        tmp.rename(out)

@@ -5,16 +5,16 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from trainer.config import RunConfig, Section
+from trainer.config import RunConfig
 from trainer.dpo.losses import LOSSES
-from trainer.sft.config import LoraSection
+from trainer.tuning.config import TuningSection
 
 LossName = Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"]
 ReferenceName = Literal["auto", "adapter", "precompute", "offload", "resident", "none"]
 REFERENCE_STRATEGIES = ("adapter", "precompute", "offload", "resident")
 
 
-class DPOSection(Section):
+class DPOSection(TuningSection):
     """Preference pairs, the objective and where the reference model's log-probabilities come from."""
 
     train_files: list[str] = Field(default_factory=list, description="JSONL/JSON files or HF dataset folders of pairs")
@@ -37,7 +37,6 @@ class DPOSection(Section):
     reference_cache_dir: Optional[str] = Field(
         None, description="where precomputed reference log-probs are cached (default: OUTPUT_DIR/reference_cache)")
     method: Literal["full", "lora", "qlora"] = "lora"
-    lora: LoraSection = LoraSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> "DPOSection":

@@ -5,10 +5,12 @@ targets (already shifted) on response tokens only, so a row's summed log-probabi
 its labels is log p(response | prompt). Right padding needs no attention mask: real tokens
 never look at the padding after them.
 
-Training epochs visit pairs in `permutation(n)` from `numpy.random.default_rng([seed, epoch])`;
+Order and rank sharding are `StatefulSampler`'s (trainer/data/sampler.py) with pairs as its
+units: training epochs visit pairs in `permutation(n)` from `numpy.random.default_rng([seed, epoch])`;
 each step consumes `batch_size * world_size` pairs and rank r takes every `world_size`-th
 from r, so all ranks run the same number of forwards (ZeRO-3 needs that). Validation
-(`PairBatches`) visits every pair exactly once, padding the last batches with masked repeats.
+(`PairBatches`) is the sampler's validation pass: every pair exactly once, the last batches
+padded with repeats that `pair_mask` marks 0.
 With a reference table (precomputed log-probs, (n, 2)), batches carry `ref_chosen_logps`
 and `ref_rejected_logps`.
 """
@@ -20,10 +22,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from trainer.data.sampler import SampledLoader, StatefulSampler
 from trainer.dpo.data import TokenPair
 from trainer.objectives import IGNORE_INDEX
-
-_MUST_MATCH = ("seed", "shuffle", "num_pairs", "fingerprint")
 
 
 def fingerprint(pairs: Sequence[TokenPair]) -> str:
@@ -63,57 +64,31 @@ def _check_table(ref_logps: torch.Tensor | None, n: int) -> None:
         raise ValueError(f"reference log-prob table has shape {tuple(ref_logps.shape)}, expected ({n}, 2)")
 
 
-class PairLoader:
+class PairLoader(SampledLoader):
     """Infinite iterator of training batches with `state_dict()` / `load_state_dict()` for exact resume."""
 
     def __init__(self, pairs: Sequence[TokenPair], batch_size: int, pad_id: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, ref_logps: torch.Tensor | None = None,
                  pad_to_multiple_of: int = 8):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         self.pairs = list(pairs)
         self.global_batch = batch_size * world_size
-        if len(self.pairs) < self.global_batch:
-            raise ValueError(f"{len(self.pairs)} preference pairs are fewer than one global batch ({batch_size} x "
-                             f"{world_size} rank(s)); lower train.micro_batch_size or add data")
+        self.fingerprint = fingerprint(self.pairs)
+        self.sampler = StatefulSampler(len(self.pairs), batch_size, seed=seed, rank=rank, world_size=world_size,
+                                       shuffle=shuffle, name="preference loader",
+                                       identity={"num_pairs": len(self.pairs), "fingerprint": self.fingerprint})
+        self.sampler.require_units(f"{len(self.pairs)} preference pairs", "lower train.micro_batch_size or add data")
         _check_table(ref_logps, len(self.pairs))
         self.batch_size, self.pad_id, self.pad_to_multiple_of = batch_size, pad_id, pad_to_multiple_of
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.ref_logps = ref_logps
-        self.fingerprint = fingerprint(self.pairs)
-        self.epoch, self.cursor = 0, 0  # cursor: pairs consumed in this epoch by all ranks together
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        n = len(self.pairs)
-        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        return self.sampler.epoch_order(epoch)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        order = self.epoch_order(self.epoch)
-        while True:
-            if self.cursor + self.global_batch > len(order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                order = self.epoch_order(self.epoch)
-                continue
-            mine = order[self.cursor:self.cursor + self.global_batch][self.rank::self.world_size].tolist()
-            self.cursor += self.global_batch
+        for mine, _ in self.sampler:
             yield collate_pairs([self.pairs[i] for i in mine], self.pad_id, self.pad_to_multiple_of,
                                 self.ref_logps, mine)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "shuffle": self.shuffle,
-                "num_pairs": len(self.pairs), "fingerprint": self.fingerprint, "batch_size": self.batch_size,
-                "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        missing = [k for k in ("epoch", "cursor", *_MUST_MATCH) if k not in state]
-        if missing:
-            raise ValueError(f"preference loader state lacks key(s) {', '.join(missing)}")
-        mine = self.state_dict()
-        for key in _MUST_MATCH:
-            if state[key] != mine[key]:
-                raise ValueError(f"preference loader state does not match this data: {key} is {state[key]!r} in the "
-                                 f"saved state but {mine[key]!r} now")
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
 
 class PairBatches:
@@ -125,18 +100,17 @@ class PairBatches:
         self.pairs, self.batch_size, self.pad_id = list(pairs), batch_size, pad_id
         self.rank, self.world_size, self.ref_logps = rank, world_size, ref_logps
         self.pad_to_multiple_of = pad_to_multiple_of
-        per_rank = -(-len(self.pairs) // world_size)
-        self.num_batches = -(-per_rank // batch_size)
+        # Unshuffled, the sampler's step stride gives rank r the pairs r, r + world_size, ... in batch order,
+        # which is how compute_reference_logps maps rows back to pairs.
+        self.sampler = StatefulSampler(len(self.pairs), batch_size, rank=rank, world_size=world_size,
+                                       shuffle=False, validation=True)
+        self.num_batches = len(self.sampler)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        mine = list(range(self.rank, len(self.pairs), self.world_size))
-        for b in range(self.num_batches):
-            chunk = mine[b * self.batch_size:(b + 1) * self.batch_size]
-            mask = [1.0] * len(chunk) + [0.0] * (self.batch_size - len(chunk))
-            chunk = chunk + [chunk[0] if chunk else 0] * (self.batch_size - len(chunk))
+        for chunk, real in self.sampler:
+            mask = [1.0] * real + [0.0] * (self.batch_size - real)
             yield collate_pairs([self.pairs[i] for i in chunk], self.pad_id, self.pad_to_multiple_of,
                                 self.ref_logps, chunk, mask)
-

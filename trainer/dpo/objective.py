@@ -35,8 +35,14 @@ class Reference(Protocol):
     def logps(self, policy: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+def count_pairs(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The targets of a preference objective: real pairs (validation pads its last batch with masked ones)."""
+    mask = batch.get("pair_mask")
+    return mask.sum() if mask is not None else torch.tensor(batch["input_ids"].size(0) // 2)
+
+
 class PreferenceObjective:
-    """`objective(model, batch) -> (loss, stats)` for the loop, for any loss in `LOSSES`."""
+    """`objective(model, batch) -> (loss_sum, stats)` for the loop, for any loss in `LOSSES`."""
 
     def __init__(self, loss: str, params: LossParams, reference: Reference | None):
         if loss not in LOSSES:
@@ -59,7 +65,7 @@ class PreferenceObjective:
         mask = batch.get("pair_mask")
         mask = torch.ones_like(losses) if mask is None else mask.to(losses.dtype)
         count = mask.sum()
-        loss = (losses * mask).sum() / count.clamp(min=1)
+        loss_sum = (losses * mask).sum()
         margin = chosen_rewards - rejected_rewards
 
         def total(x: torch.Tensor) -> torch.Tensor:
@@ -76,4 +82,4 @@ class PreferenceObjective:
             "rejected_logps_sum": total(rejected),
             "policy_accuracy_sum": total((chosen > rejected).float()),
         }
-        return loss, stats
+        return loss_sum, stats

@@ -19,13 +19,9 @@ from accelerate import Accelerator, cpu_offload
 from torch import nn
 
 from trainer.dpo.objective import sequence_logps
+from trainer.engine import zero_stage
 
 Pair = tuple[torch.Tensor, torch.Tensor]
-
-
-def zero_stage(accelerator: Accelerator) -> int:
-    plugin = accelerator.state.deepspeed_plugin
-    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) if plugin else 0
 
 
 def _chunk(logps: torch.Tensor) -> Pair:

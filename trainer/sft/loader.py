@@ -1,10 +1,17 @@
 """Batches of SFT examples: packed (many per row, no attention across them) or padded; rank-sharded, resumable.
 
-Rows. An epoch visits the examples in `permutation(n)` from `numpy.random.default_rng([seed, epoch])`
-(stream order with `shuffle=False`). Packed: examples are placed first-fit into rows of
-`seq_len` tokens in that order (a bounded set of open rows keeps it linear-time); padded:
-one example per row. Each step consumes `batch_size * world_size` rows; rank r takes every
-`world_size`-th starting at r. Rows left over at an epoch's end are not used in it.
+Rows. Order, rank sharding, position and state are `StatefulSampler`'s (trainer/data/sampler.py)
+with rows as its units: an epoch visits the examples in `permutation(n)` from
+`numpy.random.default_rng([seed, epoch])` (stream order with `shuffle=False`). Packed: examples
+are placed first-fit into rows of `seq_len` tokens in that order (a bounded set of open rows
+keeps it linear-time); padded: one example per row. Each step consumes `batch_size * world_size`
+rows; rank r takes every `world_size`-th starting at r. Rows left over at an epoch's end are not
+used in it.
+
+Validation. `SFTLoader(val_examples, ..., shuffle=False, validation=True)` is one pass that
+evaluates every example exactly once, the same number of batches on every rank: the last
+batch is padded with filler rows whose labels are all IGNORE_INDEX, so the loss and its token
+count see exactly the examples' assistant tokens.
 
 Batches. Packed rows are `seq_len` long; every example restarts `position_ids` at 0 and
 has its own `document_ids` run, so the model's packed path keeps examples apart; the tail
@@ -20,10 +27,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from trainer.data.sampler import SampledLoader, StatefulSampler, mask_filler
 from trainer.objectives import IGNORE_INDEX
 from trainer.sft.data import Example
 
-_MUST_MATCH = ("seed", "seq_len", "shuffle", "packing", "num_examples", "fingerprint")
 _OPEN_ROWS = 64  # rows still accepting examples while packing; more gains little fill, costs time
 
 
@@ -93,67 +100,41 @@ def collate_padded(examples: Sequence[Example], pad_id: int, pad_to_multiple_of:
     return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
 
 
-class SFTLoader:
-    """Infinite (or one-epoch) iterator of SFT batches with `state_dict()` / `load_state_dict()`."""
+class SFTLoader(SampledLoader):
+    """Infinite (or one-epoch, or one validation pass) iterator of SFT batches, resumable exactly."""
 
     def __init__(self, examples: Sequence[Example], batch_size: int, seq_len: int, pad_id: int, *,
                  packing: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 infinite: bool = True):
+                 infinite: bool = True, validation: bool = False):
         if not examples:
             raise ValueError("no SFT examples to load")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         self.examples = list(examples)
         self.lengths = [len(ex) for ex in self.examples]
         self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
         self.packing, self.seed, self.shuffle, self.infinite = packing, seed, shuffle, infinite
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.validation = rank, world_size, validation
         self.global_batch = batch_size * world_size
         self.fingerprint = fingerprint(self.examples)
-        self.epoch, self.cursor = 0, 0  # cursor: rows consumed in this epoch by all ranks together
-        self._rows_cache: tuple[int, list[list[int]]] | None = None
-        if len(self.epoch_rows(0)) < self.global_batch:
-            raise ValueError(f"{len(self.examples)} examples make {len(self.epoch_rows(0))} rows, fewer than one "
-                             f"global batch ({batch_size} x {world_size} rank(s)); lower the batch size or add data")
+        self.sampler = StatefulSampler(
+            len(self.examples), batch_size, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,
+            infinite=infinite, validation=validation, group=self._rows, name="SFT loader",
+            identity={"seq_len": seq_len, "packing": packing, "num_examples": len(self.examples),
+                      "fingerprint": self.fingerprint})
+        self.sampler.require_units(f"{len(self.examples)} examples make {len(self.epoch_rows(0))} rows",
+                                   "lower the batch size or add data")
+
+    def _rows(self, order: np.ndarray) -> list[list[int]]:
+        return pack_rows(self.lengths, order, self.seq_len) if self.packing else [[int(i)] for i in order]
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         """Example indices of every row of `epoch` (identical on every rank)."""
-        if self._rows_cache is None or self._rows_cache[0] != epoch:
-            n = len(self.examples)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            rows = pack_rows(self.lengths, order, self.seq_len) if self.packing else [[int(i)] for i in order]
-            self._rows_cache = (epoch, rows)
-        return self._rows_cache[1]
+        return self.sampler.epoch_units(epoch)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            rows = self.epoch_rows(self.epoch)
-            if self.cursor + self.global_batch > len(rows):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                if not self.infinite:
-                    return
-                continue
-            mine = rows[self.cursor:self.cursor + self.global_batch][self.rank::self.world_size]
-            self.cursor += self.global_batch
-            yield self.make_batch(mine)
+        for rows, real in self.sampler:
+            yield mask_filler(self.make_batch(rows), real)
 
     def make_batch(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         if self.packing:
             return collate_packed([[self.examples[i] for i in row] for row in rows], self.seq_len, self.pad_id)
         return collate_padded([self.examples[row[0]] for row in rows], self.pad_id)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "seq_len": self.seq_len,
-                "shuffle": self.shuffle, "packing": self.packing, "num_examples": len(self.examples),
-                "fingerprint": self.fingerprint, "batch_size": self.batch_size, "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        missing = [k for k in ("epoch", "cursor", *_MUST_MATCH) if k not in state]
-        if missing:
-            raise ValueError(f"SFT loader state lacks key(s) {', '.join(missing)}")
-        mine = self.state_dict()
-        for key in _MUST_MATCH:
-            if state[key] != mine[key]:
-                raise ValueError(f"SFT loader state does not match this data: {key} is {state[key]!r} in the saved "
-                                 f"state but {mine[key]!r} now")
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])

@@ -1,4 +1,4 @@
-"""Saving what SFT trained: PEFT adapters gathered from every ZeRO stage, in our names and in HF Llama's.
+"""Saving what a tuning run trained: PEFT adapters gathered from every ZeRO stage, in our names and in HF Llama's.
 
 Under ZeRO-3 each rank holds only a slice of every parameter, so reading `state_dict()` on
 rank 0 gives empty tensors (the classic empty-adapter-file failure). The adapter's own
@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch import nn
 
-from trainer.sft.peft_setup import HF_MODULE_NAMES, HF_PARENT
+from trainer.tuning.config import HF_MODULE_NAMES, HF_PARENT
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -64,18 +64,14 @@ def adapter_state(peft_model: nn.Module, trainable: dict[str, torch.Tensor]) -> 
 
 def _write_adapter(out_dir: Path, state: dict[str, torch.Tensor], config, tokenizer=None) -> Path:
     """Atomically write adapter_model.safetensors + adapter_config.json (+ the tokenizer)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    from trainer.atomic import atomic_directory
+
+    # The run's own adapter/ and adapter_hf/: a resumed run writes them again.
+    with atomic_directory(out_dir, replace=True) as staging:
         save_file(state, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config.save_pretrained(str(staging))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

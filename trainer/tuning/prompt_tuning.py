@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from model_defs import Transformer
-from trainer.sft.config import PromptTuningSection
+from trainer.tuning.config import PromptTuningSection
 
 _PEFT_INIT = {"sample_vocab": "SAMPLE_VOCAB", "random": "RANDOM", "text": "TEXT"}
 

@@ -1,6 +1,6 @@
-"""Preference tuning (DPO, IPO, hinge, SimPO, ORPO) through the one loop.
+"""Preference tuning (DPO, IPO, hinge, SimPO, ORPO) as a task.
 
-    model (full / LoRA / QLoRA) + preference pairs + a reference strategy -> train(...)
+    model (full / LoRA / QLoRA) + preference pairs + a reference strategy -> the loop
 
 Run folder (`train.output_dir`):
   checkpoints/       the loop's sharded, resumable checkpoints
@@ -18,27 +18,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list
 
-from model_defs import flops_per_token
-from trainer.build import build_model, model_config_from
-from trainer.chat import template_name
-from trainer.checkpoint import MODEL_CONFIG_FILE, resolve_resume
-from trainer.config import ConfigError, save_resolved
+from trainer.chat import load_chat_tokenizer, template_name
+from trainer.data.tokenizer import tokenizer_hash
 from trainer.dpo.config import DPOConfig
 from trainer.dpo.data import PairReport, TokenPair, load_token_pairs
 from trainer.dpo.loader import PairBatches, PairLoader
 from trainer.dpo.losses import LossParams
-from trainer.dpo.objective import PreferenceObjective
+from trainer.dpo.objective import PreferenceObjective, count_pairs
 from trainer.dpo.precompute import (cached_reference_logps, compute_reference_logps, files_fingerprint,
                                     pairs_key_parts, reference_cache_key, weights_fingerprint)
-from trainer.dpo.reference import AdapterReference, FrozenCopyReference, PrecomputedReference, frozen_copy, zero_stage
-from trainer.engine import build_accelerator, resolve_precision
-from trainer.loop import RunResult, train
-from trainer.sft.adapter import save_run_outputs
-
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from trainer.dpo.reference import AdapterReference, FrozenCopyReference, PrecomputedReference, frozen_copy
+from trainer.loop import RunResult
+from trainer.task import TaskContext, TaskData, TaskParts, TaskSpec, run_task
 
 @dataclass
 class PreferenceData:
@@ -73,13 +66,7 @@ def pad_multiple() -> int:
     return 8 if torch.cuda.is_available() else 1
 
 
-def load_dpo_tokenizer(cfg: DPOConfig):
-    from trainer.sft.run import load_chat_tokenizer
-
-    return load_chat_tokenizer(cfg, cfg.dpo.chat_template)
-
-
-def check_dpo_config(cfg: DPOConfig) -> None:
+def check_dpo_config(cfg: DPOConfig) -> list[str]:
     problems = []
     if cfg.data.path:
         problems.append("defaults: data.path: DPO reads dpo.train_files, not token shards; remove data.path")
@@ -88,17 +75,12 @@ def check_dpo_config(cfg: DPOConfig) -> None:
     if cfg.dpo.max_prompt_len >= cfg.data.seq_len:
         problems.append(f"defaults: dpo.max_prompt_len: {cfg.dpo.max_prompt_len} leaves no room for a response "
                         f"within data.seq_len {cfg.data.seq_len}")
-    if problems:
-        raise ConfigError("\n".join(problems))
+    return problems
 
 
 def reference_tables(cfg: DPOConfig, accelerator: Accelerator, ref_model: torch.nn.Module, tokenizer,
                      data: PreferenceData, precision: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference log-prob tables for the train (and validation) pairs, from the cache or one pass over them."""
-    from accelerate.utils import broadcast_object_list
-
-    from trainer.data.tokenizer import tokenizer_hash
-
     d = cfg.dpo
     cache_dir = Path(d.reference_cache_dir or Path(cfg.train.output_dir) / "reference_cache")
     weights = [weights_fingerprint(ref_model) if accelerator.is_main_process else None]
@@ -132,90 +114,70 @@ def reference_tables(cfg: DPOConfig, accelerator: Accelerator, ref_model: torch.
     return train_table, val_table
 
 
-def run_dpo(cfg: DPOConfig, resume: str | None = None) -> RunResult:
-    from trainer.sft.peft_setup import apply_method, check_method_supported, trainable_summary
+def load_dpo_data(cfg: DPOConfig) -> TaskData:
+    d = cfg.dpo
+    tokenizer = load_chat_tokenizer(cfg, d.chat_template)
+    data = load_preference_data(cfg, tokenizer)
+    report = [f"train pairs: {data.train_report.summary()}"]
+    if data.val_report is not None:
+        report.append(f"val pairs: {data.val_report.summary()}")
+    elif data.val:
+        report.append(f"val pairs: {len(data.val)} held out of the train files (dpo.val_fraction)")
+    banner = (f"loss {d.loss} | reference {d.resolved_reference()} | "
+              f"chat template {template_name(tokenizer) or 'the tokenizer own'}")
+    return TaskData(payload=data, tokenizer=tokenizer, report=report, banner=banner)
 
-    check_dpo_config(cfg)
+
+def keep_reference_copy(ctx: TaskContext, base: torch.nn.Module) -> None:
+    """The reference is the model as loaded, before any adapter: taken now, it can never see an update."""
+    if ctx.cfg.dpo.resolved_reference() in ("precompute", "offload", "resident"):
+        ctx.state["ref_model"] = frozen_copy(base)
+
+
+def build_dpo(ctx: TaskContext, model) -> TaskParts:
+    cfg, data, accelerator = ctx.cfg, ctx.data.payload, ctx.accelerator
     d = cfg.dpo
     strategy = d.resolved_reference()
-    precision = resolve_precision(cfg.train.precision)
-    model_cfg = model_config_from(cfg)
-    tokenizer = load_dpo_tokenizer(cfg)
-    if len(tokenizer) > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {model_cfg.vocab_size}")
-    if cfg.data.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"defaults: data.seq_len: {cfg.data.seq_len} exceeds the model's max_seq_len "
-                          f"{model_cfg.max_seq_len}")
-    data = load_preference_data(cfg, tokenizer)
-
-    accelerator = build_accelerator(cfg, hidden_size=model_cfg.dim, precision=precision)
-    check_method_supported(d, deepspeed_stage=zero_stage(accelerator) or None, cuda=torch.cuda.is_available())
-    resume_from = resolve_resume(resume, cfg.train.output_dir)
-    out_dir = Path(cfg.train.output_dir)
-    if accelerator.is_main_process:
-        save_resolved(cfg, out_dir)
-        tokenizer.save_pretrained(str(out_dir / "tokenizer"))
-        accelerator.print(f"precision {precision} | method {d.method} | loss {d.loss} | reference {strategy} | "
-                          f"chat template {template_name(tokenizer) or 'the tokenizer own'} | "
-                          f"world size {accelerator.num_processes}")
-        accelerator.print(f"train pairs: {data.train_report.summary()}")
-        if data.val_report is not None:
-            accelerator.print(f"val pairs: {data.val_report.summary()}")
-        elif data.val:
-            accelerator.print(f"val pairs: {len(data.val)} held out of the train files (dpo.val_fraction)")
-    set_seed(cfg.train.seed)
-    model = build_model(cfg, model_cfg)
-    # The reference is the model as loaded, before any adapter: taken now, it can never see an update.
-    ref_model = frozen_copy(model) if strategy in ("precompute", "offload", "resident") else None
-    base_name = str(Path(cfg.model.init_from).resolve()) if cfg.model.init_from else None
-    model = apply_method(model, d, tokenizer=tokenizer, compute_dtype=PRECISION_DTYPES[precision], base_name=base_name)
-    accelerator.print(trainable_summary(model))
-
+    tokenizer = ctx.data.tokenizer
     train_table = val_table = None
     reference = None
     if strategy == "precompute":
-        train_table, val_table = reference_tables(cfg, accelerator, ref_model, tokenizer, data, precision)
-        ref_model = None  # the tables replace it
+        train_table, val_table = reference_tables(cfg, accelerator, ctx.state.pop("ref_model"), tokenizer, data,
+                                                  ctx.precision)
         reference = PrecomputedReference()
     elif strategy in ("offload", "resident"):
-        reference = FrozenCopyReference(ref_model, accelerator, offload=strategy == "offload")
+        reference = FrozenCopyReference(ctx.state.pop("ref_model"), accelerator, offload=strategy == "offload")
     elif strategy == "adapter":
         reference = AdapterReference(accelerator)
     objective = PreferenceObjective(d.loss, LossParams(beta=d.beta, label_smoothing=d.label_smoothing,
                                                        simpo_gamma=d.simpo_gamma), reference)
-
-    rank, world = accelerator.process_index, accelerator.num_processes
     pad = dict(pad_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple())
-    loader = PairLoader(data.train, cfg.train.micro_batch_size, seed=cfg.train.seed, rank=rank, world_size=world,
-                        shuffle=cfg.data.shuffle, ref_logps=train_table, **pad)
+    loader = PairLoader(data.train, cfg.train.micro_batch_size, seed=cfg.train.seed, rank=ctx.rank,
+                        world_size=ctx.world_size, shuffle=cfg.data.shuffle, ref_logps=train_table, **pad)
 
     def val_batches():
-        return iter(PairBatches(data.val, cfg.train.micro_batch_size, rank=rank, world_size=world,
+        return iter(PairBatches(data.val, cfg.train.micro_batch_size, rank=ctx.rank, world_size=ctx.world_size,
                                 ref_logps=val_table, **pad))
 
-    # Frozen base weights need no weight gradients (about 4N instead of 6N per token); a reference forward adds 2N.
-    fpt = flops_per_token(model_cfg, cfg.data.seq_len) * (1.0 if d.method == "full" else 4 / 6)
-    if strategy in ("adapter", "offload", "resident"):
-        fpt += flops_per_token(model_cfg, cfg.data.seq_len) / 3
-    result = train(
-        cfg,
-        accelerator=accelerator,
-        model=model,
-        objective=objective,
-        train_loader=loader,
-        val_batches=val_batches if data.val else None,
-        flops_per_token=fpt,
-        precision=precision,
-        resume_from=resume_from,
-        checkpoint_files={MODEL_CONFIG_FILE: json.dumps(model_cfg.to_dict(), indent=2)},
-    )
-    if result.stopped_by_signal is None:
-        save_run_outputs(cfg.dpo.method, result, cfg.train.output_dir, tokenizer)
-        if accelerator.is_main_process:
-            line = before_after(out_dir / "metrics.jsonl")
-            if line:
-                accelerator.print(line)
-    return result
+    # A reference forward adds 2N per token to the policy's 6N (or 4N with a frozen base).
+    extra = 1 / 3 if strategy in ("adapter", "offload", "resident") else 0.0
+    return TaskParts(objective=objective, train_loader=loader, val_batches=val_batches if data.val else None,
+                     count_targets=count_pairs, extra_flops_factor=extra)
+
+
+def print_before_after(ctx: TaskContext, result: RunResult) -> None:
+    if ctx.accelerator.is_main_process:
+        line = before_after(Path(ctx.cfg.train.output_dir) / "metrics.jsonl")
+        if line:
+            ctx.accelerator.print(line)
+
+
+DPO = TaskSpec(name="dpo", tuning_section="dpo", check_config=check_dpo_config, load_data=load_dpo_data,
+               before_tuning=keep_reference_copy, build=build_dpo, finish=print_before_after)
+
+
+def run_dpo(cfg: DPOConfig, resume: str | None = None) -> RunResult:
+    return run_task(cfg, DPO, resume)
 
 
 def before_after(metrics_file: Path) -> str | None:

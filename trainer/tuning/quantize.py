@@ -5,18 +5,18 @@ import torch
 from torch import nn
 
 
-def check_qlora_available(cuda: bool) -> None:
+def check_qlora_available(cuda: bool, key: str = "sft") -> None:
     """bitsandbytes must be installed and able to quantize to NF4 on this device (recent releases do on CPU)."""
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise ValueError("sft.method=qlora needs bitsandbytes (pip install bitsandbytes)") from None
+        raise ValueError(f"{key}.method=qlora needs bitsandbytes (pip install bitsandbytes)") from None
     device = "cuda" if cuda else "cpu"
     try:
         probe = _linear4bit(nn.Linear(64, 64, bias=False), torch.float32, device)
         probe(torch.zeros(1, 64, device=device))
     except Exception as exc:  # bitsandbytes builds without a backend for this device raise many types
-        raise ValueError(f"sft.method=qlora is unsupported on {device} with bitsandbytes {bnb.__version__}: "
+        raise ValueError(f"{key}.method=qlora is unsupported on {device} with bitsandbytes {bnb.__version__}: "
                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
 
 
