@@ -137,7 +137,7 @@ def test_recipes_validate():
 
 
 def test_a_run_folder_stands_for_its_newest_complete_checkpoint(tmp_path):
-    from trainer.export import resolve_model_source
+    from trainer.run_folder import model_source as resolve_model_source
 
     for step, complete in ((100, True), (200, True), (300, False)):
         ckpt = tmp_path / "checkpoints" / f"step_{step:08d}"

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs
 
 from trainer.config import ConfigError, RunConfig
 
@@ -114,7 +114,12 @@ def build_accelerator(cfg: RunConfig, hidden_size: int, precision: str) -> Accel
     plugin = None
     if cfg.train.deepspeed:
         plugin = DeepSpeedPlugin(hf_ds_config=fill_ds_auto(load_ds_config(cfg.train.deepspeed), **fill))
+    launched_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # Without cpu=True, Accelerate sets up no process group for CPU ranks outside DeepSpeed: each
+    # process would train alone while reporting the launcher's world size.
+    cpu_ranks = not torch.cuda.is_available() and world_size > 1 and plugin is None and not launched_deepspeed
     accelerator = Accelerator(
+        cpu=cpu_ranks,
         mixed_precision=ACCELERATE_PRECISION[precision],
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         deepspeed_plugin=plugin,
@@ -128,6 +133,8 @@ def build_accelerator(cfg: RunConfig, hidden_size: int, precision: str) -> Accel
         filled = fill_ds_auto(launched_plugin.deepspeed_config, **fill)
         launched_plugin.deepspeed_config.clear()
         launched_plugin.deepspeed_config.update(filled)
+    if world_size > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise RuntimeError(f"WORLD_SIZE={world_size} but no process group was set up; each rank would train alone")
     if accelerator.num_processes != world_size and plugin is not None:
         raise RuntimeError(f"WORLD_SIZE={world_size} but the process group has {accelerator.num_processes} ranks")
     return accelerator

@@ -166,11 +166,3 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path
         raise ValueError(f"{adapter_dir}: a prompt-tuning adapter has no weights to merge; load it with peft instead")
     return write_hf_folder(model.state_dict(), model.cfg, out_dir, tokenizer_dir or adapter_dir,
                            dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
-
-
-# trainer/sft/run.py still imports these from here; their home is trainer.run_folder.
-resolve_model_source = model_source
-
-
-def checkpoint_tokenizer_dir(checkpoint: str | Path) -> Path | None:
-    return resolve(checkpoint).tokenizer

@@ -31,6 +31,7 @@ from trainer.config import ConfigError, RunConfig, save_resolved
 from trainer.engine import build_accelerator, resolve_precision, zero_stage
 from trainer.loop import RunResult, StatefulLoader, train
 from trainer.objectives import Objective, count_label_tokens
+from trainer.run_folder import model_source
 from trainer.tuning.config import TuningSection
 from trainer.tuning.methods import PRECISION_DTYPES, apply_method, check_method_supported, trainable_summary
 from trainer.tuning.save import save_run_outputs
@@ -111,9 +112,7 @@ def base_model_name(cfg: RunConfig) -> str | None:
     not a run folder whose newest checkpoint may change later."""
     if not cfg.model.init_from:
         return None
-    from trainer.export import resolve_model_source
-
-    return str(resolve_model_source(cfg.model.init_from).resolve())
+    return str(model_source(cfg.model.init_from).resolve())
 
 
 def run_task(cfg: RunConfig, spec: TaskSpec, resume: str | None = None) -> RunResult:
