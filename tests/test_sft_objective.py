@@ -48,7 +48,7 @@ def test_packed_loss_equals_token_weighted_loss_of_single_examples(tok, conversa
     assert stats["tokens"].item() == ref_tokens == padded_stats["tokens"].item()
     assert stats["loss_sum"].item() == pytest.approx(ref_sum, rel=1e-5)
     assert padded_stats["loss_sum"].item() == pytest.approx(ref_sum, rel=1e-5)
-    assert loss.item() == pytest.approx(ref_sum / ref_tokens, rel=1e-5)
+    assert loss.item() == pytest.approx(ref_sum, rel=1e-5)  # the summed loss; the loop divides by the step's tokens
     # Without the document boundaries the examples would see each other and the loss would differ.
     leaky = {k: v for k, v in packed.items() if k not in ("position_ids", "document_ids")}
     with torch.no_grad():

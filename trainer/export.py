@@ -100,12 +100,18 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir
                       dtype: torch.dtype | None = None, max_shard_size: str | None = None,
                       overwrite: bool = False) -> Path:
     """Consolidate a checkpoint (or a run folder's newest) into an HF Llama folder (safetensors +
-    config + the run's tokenizer unless `tokenizer_dir` names another)."""
-    checkpoint = find_checkpoint(checkpoint)
+    config + the run's tokenizer unless `tokenizer_dir` names another).
+
+    An existing `out_dir` is replaced with `overwrite`, or when it is the checkpoint's own run's
+    model/, which that run writes again each time it finishes (a resumed or extended run).
+    """
+    paths = resolve(find_checkpoint(checkpoint))
+    runs_own = paths.run is not None and Path(out_dir).resolve() == (paths.run / "model").resolve()
+    overwrite = overwrite or runs_own
     refuse_occupied(out_dir, overwrite)  # before gathering the shards, which may take minutes
-    cfg = checkpoint_model_config(checkpoint)
-    state = with_tied_head(consolidated_state_dict(checkpoint), cfg)
-    return write_hf_folder(state, cfg, out_dir, tokenizer_dir or resolve(checkpoint).tokenizer,
+    cfg = checkpoint_model_config(paths.checkpoint)
+    state = with_tied_head(consolidated_state_dict(paths.checkpoint), cfg)
+    return write_hf_folder(state, cfg, out_dir, tokenizer_dir or paths.tokenizer,
                            dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
 
 

@@ -24,6 +24,8 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch import nn
 
+from trainer.atomic import atomic_directory
+from trainer.export import export_checkpoint
 from trainer.tuning.config import HF_MODULE_NAMES, HF_PARENT
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -64,8 +66,6 @@ def adapter_state(peft_model: nn.Module, trainable: dict[str, torch.Tensor]) -> 
 
 def _write_adapter(out_dir: Path, state: dict[str, torch.Tensor], config, tokenizer=None) -> Path:
     """Atomically write adapter_model.safetensors + adapter_config.json (+ the tokenizer)."""
-    from trainer.atomic import atomic_directory
-
     # The run's own adapter/ and adapter_hf/: a resumed run writes them again.
     with atomic_directory(out_dir, replace=True) as staging:
         save_file(state, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -130,9 +130,9 @@ def save_run_outputs(method: str, result, out_dir: str | Path, tokenizer=None) -
     accelerator = result.accelerator
     if method == "full":
         if accelerator.is_main_process and result.final_checkpoint is not None:
-            from trainer.export import export_checkpoint
-
-            export_checkpoint(result.final_checkpoint, out_dir / "model", tokenizer_dir=out_dir / "tokenizer")
+            # The run's own model/: a resumed run exports it again.
+            export_checkpoint(result.final_checkpoint, out_dir / "model", tokenizer_dir=out_dir / "tokenizer",
+                              overwrite=True)
             accelerator.print(f"tuned model exported to {out_dir / 'model'}")
         accelerator.wait_for_everyone()
         return
