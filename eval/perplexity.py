@@ -18,7 +18,7 @@ def shard_perplexity(model: nn.Module, shards_dir: str | Path, seq_len: int, bat
     from trainer.data.shards import PretrainLoader, TokenShards
 
     loader = PretrainLoader(TokenShards(shards_dir), batch_size=batch_size, seq_len=seq_len,
-                            shuffle=False, infinite=False)
+                            shuffle=False, validation=True)
     model.eval().to(device)
     loss_sum, tokens = 0.0, 0
     for i, batch in enumerate(loader):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from tests import normalization_worker
-from tests.pretrain_run import REPO_ROOT, VENV_BIN, run
+from tests.pretrain_run import VENV_BIN, run
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ from torch import nn
 from model_defs import ModelConfig, Transformer
 from model_defs.config import PRESETS
 from trainer.config import ConfigError, RunConfig
+from trainer.export import load_pretrained, source_model_config
 
 
 def padded_vocab(vocab_size: int, multiple: int = 64) -> int:
@@ -25,8 +26,6 @@ def model_config_from(cfg: RunConfig, data_vocab_size: int | None = None) -> Mod
         overrides["activation_checkpointing"] = True
     try:
         if cfg.model.init_from:
-            from trainer.export import source_model_config
-
             return source_model_config(cfg.model.init_from, **overrides)
         preset_len = PRESETS.get(cfg.model.preset or "", {}).get("max_seq_len", 0)
         overrides.setdefault("max_seq_len", max(cfg.data.seq_len, preset_len))
@@ -38,8 +37,6 @@ def model_config_from(cfg: RunConfig, data_vocab_size: int | None = None) -> Mod
 def build_model(cfg: RunConfig, model_cfg: ModelConfig) -> nn.Module:
     """Random init from the preset, or the weights of one of our checkpoints / a local HF Llama folder."""
     if cfg.model.init_from:
-        from trainer.export import load_pretrained
-
         return load_pretrained(cfg.model.init_from, **cfg.model.overrides(),
                                **({"activation_checkpointing": True} if cfg.train.activation_checkpointing else {}))
     return Transformer(model_cfg)

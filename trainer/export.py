@@ -12,6 +12,7 @@ from model_defs import ModelConfig, Transformer
 from model_defs.hf import config_from_hf, load_hf_model, save_hf_model
 from trainer.atomic import atomic_directory, refuse_occupied
 from trainer.checkpoint import MODEL_CONFIG_FILE
+from trainer.tuning.prompt_tuning import load_prompt_tuned
 from trainer.run_folder import COMPLETE_MARKER, find_checkpoint, is_checkpoint, model_source, resolve
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -100,14 +101,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir
                       dtype: torch.dtype | None = None, max_shard_size: str | None = None,
                       overwrite: bool = False) -> Path:
     """Consolidate a checkpoint (or a run folder's newest) into an HF Llama folder (safetensors +
-    config + the run's tokenizer unless `tokenizer_dir` names another).
-
-    An existing `out_dir` is replaced with `overwrite`, or when it is the checkpoint's own run's
-    model/, which that run writes again each time it finishes (a resumed or extended run).
-    """
+    config + the run's tokenizer unless `tokenizer_dir` names another); an existing non-empty
+    `out_dir` is replaced only with `overwrite`."""
     paths = resolve(find_checkpoint(checkpoint))
-    runs_own = paths.run is not None and Path(out_dir).resolve() == (paths.run / "model").resolve()
-    overwrite = overwrite or runs_own
     refuse_occupied(out_dir, overwrite)  # before gathering the shards, which may take minutes
     cfg = checkpoint_model_config(paths.checkpoint)
     state = with_tied_head(consolidated_state_dict(paths.checkpoint), cfg)
@@ -148,8 +144,6 @@ def load_with_adapter(adapter_dir: str | Path, base: str | Path | None = None, m
         raise ValueError(f"{config_path}: no base_model_name_or_path; name the base model explicitly")
     model = load_pretrained(base)
     if config.get("peft_type") == "PROMPT_TUNING":
-        from trainer.tuning.prompt_tuning import load_prompt_tuned
-
         return load_prompt_tuned(model, adapter_dir)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_path}: peft_type {config.get('peft_type')} is not supported (LORA, PROMPT_TUNING)")

@@ -15,8 +15,6 @@ import contextlib
 import copy
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
