@@ -43,6 +43,8 @@ _SUPPORTED_ROPE_TYPES = ("default", *ROPE_SCALING_KEYS)
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 _SAVED_FILE = re.compile(r"config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+# Loaded by hf_classifier.py; named here so load_hf_model can turn such a folder away.
+CLASSIFIER_ARCHITECTURE = "LlamaForSequenceClassification"
 
 
 # ----------------------------------------------------------------------------- config
@@ -223,8 +225,12 @@ def load_hf_model(
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found (expected an HF model folder)")
+    hf_config = json.loads(config_path.read_text())
+    if CLASSIFIER_ARCHITECTURE in (hf_config.get("architectures") or []):
+        raise ValueError(f"{folder} holds a {CLASSIFIER_ARCHITECTURE}, not a causal LM; "
+                         "load it with model_defs.hf_classifier.load_hf_classifier")
     try:
-        cfg = config_from_hf(json.loads(config_path.read_text()), **overrides)
+        cfg = config_from_hf(hf_config, **overrides)
     except ValueError as err:
         raise ValueError(f"{config_path}: {err}") from None
     hf_state = read_safetensors_folder(folder)

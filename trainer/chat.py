@@ -204,7 +204,12 @@ def resolve_tokenizer_dir(cfg) -> Path:
 
 def load_chat_tokenizer(cfg, chat_template: str) -> PreTrainedTokenizerBase:
     """A tuning run's tokenizer with its chat template and a pad token."""
-    tokenizer = ensure_chat_template(load_tokenizer(resolve_tokenizer_dir(cfg)), chat_template)
+    return ensure_chat_template(load_run_tokenizer(cfg), chat_template)
+
+
+def load_run_tokenizer(cfg) -> PreTrainedTokenizerBase:
+    """A tuning run's tokenizer (`data.tokenizer`, else the `init_from` model's) with a pad token."""
+    tokenizer = load_tokenizer(resolve_tokenizer_dir(cfg))
     if tokenizer.pad_token_id is None:
         # Padding positions carry IGNORE_INDEX labels; any id works, EOS is always in the vocabulary.
         tokenizer.pad_token = tokenizer.eos_token

@@ -52,6 +52,7 @@ class RunResult:
     stopped_by_signal: str | None
     final_checkpoint: Path | None
     last_eval: dict[str, float]
+    last_eval_totals: dict[str, float] = field(default_factory=dict)  # the sums behind `last_eval`
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -79,7 +80,10 @@ def summarize(totals: dict[str, float]) -> dict[str, float]:
     for key, value in totals.items():
         if key.endswith("_sum"):
             name = key.removesuffix("_sum")
-            denom = totals.get("tokens") if name == "loss" and "tokens" in totals else totals.get("count")
+            denom = totals.get("count")
+            if name == "loss":
+                # An objective whose targets are weighted reports their total weight as `loss_normalizer`.
+                denom = totals.get("loss_normalizer", totals.get("tokens", denom))
             if denom is None:
                 denom = totals.get("tokens", 1.0)
             out[name] = value / max(denom, 1e-12)
@@ -88,10 +92,15 @@ def summarize(totals: dict[str, float]) -> dict[str, float]:
     return out
 
 
+EvalReport = Callable[[dict[str, float]], dict[str, float]]
+
+
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model: nn.Module, objective: Objective,
-             batches: Iterable[dict[str, torch.Tensor]], max_batches: int) -> dict[str, float]:
-    """Global validation figures; every rank must take part (ZeRO-3 gathers weights per forward)."""
+             batches: Iterable[dict[str, torch.Tensor]], max_batches: int,
+             report: EvalReport | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Global validation figures and the global sums they come from; every rank must take part (ZeRO-3
+    gathers weights per forward). `report` derives the task's own figures (F1, ...) from the sums."""
     model.eval()
     totals: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
@@ -101,11 +110,14 @@ def evaluate(accelerator: Accelerator, model: nn.Module, objective: Objective,
         for k, v in stats.items():
             totals[k] = totals.get(k, 0) + v.detach().float()
     model.train()
-    result = summarize(_global_sum(accelerator, totals))
+    global_totals = _global_sum(accelerator, totals)
+    result = summarize(global_totals)
     if "loss" in result and "target_tokens" in result:
         # Only a per-token loss has a perplexity; a per-pair preference loss does not.
         result["perplexity"] = math.exp(min(result["loss"], 50.0))
-    return result
+    if report is not None:
+        result.update(report(global_totals))
+    return result, global_totals
 
 
 def train(
@@ -121,6 +133,7 @@ def train(
     resume_from: str | Path | None = None,
     checkpoint_files: dict[str, str] | None = None,
     count_targets: Callable[[dict[str, torch.Tensor]], torch.Tensor] = count_label_tokens,
+    eval_report: EvalReport | None = None,
 ) -> RunResult:
     """Run `cfg.train.max_steps` optimizer steps of `objective` over `train_loader`.
 
@@ -157,8 +170,10 @@ def train(
 
     batches = iter(train_loader)
     last_eval: dict[str, float] = {}
+    last_totals: dict[str, float] = {}
     if val_batches is not None and tcfg.eval_at_start and state.step == 0:
-        last_eval = evaluate(accelerator, model, objective, val_batches(), tcfg.eval_batches)
+        last_eval, last_totals = evaluate(accelerator, model, objective, val_batches(), tcfg.eval_batches,
+                                          eval_report)
         logger.log(0, last_eval, split="val")
     final_checkpoint = None
     stop_signal = None
@@ -248,7 +263,8 @@ def train(
 
             done = state.step == tcfg.max_steps
             if val_batches is not None and (done or (tcfg.eval_every and state.step % tcfg.eval_every == 0)):
-                last_eval = evaluate(accelerator, model, objective, val_batches(), tcfg.eval_batches)
+                last_eval, last_totals = evaluate(accelerator, model, objective, val_batches(),
+                                                  tcfg.eval_batches, eval_report)
                 logger.log(state.step, last_eval, split="val")
 
             stop_now = _any_rank_true(accelerator, stop.received is not None)
@@ -264,4 +280,5 @@ def train(
     if stop_signal is None and accelerator.is_main_process:
         (out_dir / "COMPLETED").write_text(f"step {state.step}\n")
     accelerator.wait_for_everyone()
-    return RunResult(accelerator=accelerator, model=model, state=state, stopped_by_signal=stop_signal, final_checkpoint=final_checkpoint, last_eval=last_eval)
+    return RunResult(accelerator=accelerator, model=model, state=state, stopped_by_signal=stop_signal,
+                     final_checkpoint=final_checkpoint, last_eval=last_eval, last_eval_totals=last_totals)

@@ -29,7 +29,7 @@ from trainer.build import build_model, model_config_from
 from trainer.checkpoint import MODEL_CONFIG_FILE, resolve_resume
 from trainer.config import ConfigError, RunConfig, save_resolved
 from trainer.engine import build_accelerator, resolve_precision, zero_stage
-from trainer.loop import RunResult, StatefulLoader, train
+from trainer.loop import EvalReport, RunResult, StatefulLoader, train
 from trainer.objectives import Objective, count_label_tokens
 from trainer.run_folder import model_source
 from trainer.tuning.config import TuningSection
@@ -83,6 +83,8 @@ class TaskParts:
     # Training FLOPs beyond the policy's own forward and backward, in units of 6N (+ attention) per token,
     # e.g. a reference model's forward is 1/3.
     extra_flops_factor: float = 0.0
+    # The task's own validation figures from the global sums (macro-F1, per-class recall, ...).
+    eval_report: Optional[EvalReport] = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,14 @@ class TaskSpec:
     check_model: Optional[Callable[[RunConfig, TaskData, ModelConfig], None]] = None
     before_tuning: Optional[Callable[[TaskContext, nn.Module], None]] = None
     finish: Optional[Callable[[TaskContext, RunResult], None]] = None
+    # A model other than the causal LM (a scoring head, ...), built after the seed is set.
+    make_model: Optional[Callable[[TaskContext], nn.Module]] = None
+    # Modules an adapter trains in full beside its low-rank updates (a fresh scoring head).
+    modules_to_save: tuple[str, ...] = ()
+    # Replaces the tuning outputs (adapter/, adapter_hf/ or model/ as a causal LM) for other model kinds.
+    save_outputs: Optional[Callable[[TaskContext, RunResult], None]] = None
+    # Files (name -> text) written into every checkpoint besides the model config: what kind of model it holds.
+    checkpoint_files: Optional[Callable[[TaskContext], dict[str, str]]] = None
 
 
 def tuning_of(cfg: RunConfig, spec: TaskSpec) -> TuningSection | None:
@@ -151,12 +161,13 @@ def run_task(cfg: RunConfig, spec: TaskSpec, resume: str | None = None) -> RunRe
             accelerator.print(line)
 
     set_seed(cfg.train.seed)
-    model = build_model(cfg, model_cfg)
+    model = spec.make_model(ctx) if spec.make_model is not None else build_model(cfg, model_cfg)
     if spec.before_tuning is not None:
         spec.before_tuning(ctx, model)
     if tuning is not None:
         model = apply_method(model, tuning, key=spec.tuning_section, tokenizer=data.tokenizer,
-                             compute_dtype=PRECISION_DTYPES[precision], base_name=base_model_name(cfg))
+                             compute_dtype=PRECISION_DTYPES[precision], base_name=base_model_name(cfg),
+                             modules_to_save=spec.modules_to_save)
         accelerator.print(trainable_summary(model))
     if cfg.train.compile:
         model = torch.compile(model)
@@ -174,11 +185,15 @@ def run_task(cfg: RunConfig, spec: TaskSpec, resume: str | None = None) -> RunRe
         flops_per_token=flops_per_token(model_cfg, cfg.data.seq_len) * factor,
         precision=precision,
         resume_from=resume_from,
-        checkpoint_files={MODEL_CONFIG_FILE: json.dumps(model_cfg.to_dict(), indent=2)},
+        checkpoint_files={MODEL_CONFIG_FILE: json.dumps(model_cfg.to_dict(), indent=2),
+                          **(spec.checkpoint_files(ctx) if spec.checkpoint_files else {})},
         count_targets=task.count_targets,
+        eval_report=task.eval_report,
     )
     if result.stopped_by_signal is None:
-        if tuning is not None:
+        if spec.save_outputs is not None:
+            spec.save_outputs(ctx, result)
+        elif tuning is not None:
             save_run_outputs(tuning.method, result, out_dir, data.tokenizer)
         if spec.finish is not None:
             spec.finish(ctx, result)

@@ -14,8 +14,8 @@ ReferenceName = Literal["auto", "adapter", "precompute", "offload", "resident", 
 REFERENCE_STRATEGIES = ("adapter", "precompute", "offload", "resident")
 
 
-class DPOSection(TuningSection):
-    """Preference pairs, the objective and where the reference model's log-probabilities come from."""
+class PairDataSection(TuningSection):
+    """Preference pairs as every pairwise task reads them (DPO, reward models): the same files and shapes."""
 
     train_files: list[str] = Field(default_factory=list, description="JSONL/JSON files or HF dataset folders of pairs")
     val_files: list[str] = Field(default_factory=list, description="held-out pairs in the same shapes")
@@ -27,6 +27,26 @@ class DPOSection(TuningSection):
     on_identical: Literal["drop", "error"] = Field("drop", description="pairs whose responses are identical")
     on_empty: Literal["drop", "error"] = Field("drop", description="pairs with an empty prompt or response")
     skip_bad_rows: bool = Field(False, description="skip and count malformed rows instead of failing")
+
+
+def pair_config_problems(cfg: RunConfig, section: str) -> list[str]:
+    """The checks every pairwise task makes of its section and of `data`."""
+    pairs: PairDataSection = getattr(cfg, section)
+    problems = []
+    if cfg.data.path:
+        problems.append(f"defaults: data.path: this task reads {section}.train_files, not token shards; "
+                        "remove data.path")
+    if not pairs.train_files:
+        problems.append(f"defaults: {section}.train_files: no preference files given")
+    if pairs.max_prompt_len >= cfg.data.seq_len:
+        problems.append(f"defaults: {section}.max_prompt_len: {pairs.max_prompt_len} leaves no room for a response "
+                        f"within data.seq_len {cfg.data.seq_len}")
+    return problems
+
+
+class DPOSection(PairDataSection):
+    """Preference pairs, the objective and where the reference model's log-probabilities come from."""
+
     loss: LossName = Field("sigmoid", description="sigmoid (DPO), ipo, hinge, simpo or orpo")
     beta: float = Field(0.1, gt=0, description="DPO/IPO/hinge temperature; SimPO's reward scale; ORPO's lambda")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO / SimPO: label flip probability")

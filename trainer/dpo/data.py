@@ -45,6 +45,7 @@ class PreferencePair:
     chosen: str
     rejected: str
     where: str = ""
+    margin: float = 0.0  # how much better chosen is, when the data says (reward models subtract it)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class TokenPair:
     prompt: np.ndarray
     chosen: np.ndarray
     rejected: np.ndarray
+    margin: float = 0.0
 
     @property
     def longest(self) -> int:
@@ -143,7 +145,17 @@ def _response(value: Any, key: str) -> str:
 
 
 def parse_row(row: Any) -> tuple[str, PreferencePair]:
-    """The shape a row was read as, and its preference pair."""
+    """The shape a row was read as, and its preference pair (with the row's `margin`, if it has one)."""
+    shape, pair = _parse_pair(row)
+    margin = row.get("margin")
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
+            raise ChatFormatError(f"'margin' must be a number, got {margin!r}")
+        pair.margin = float(margin)
+    return shape, pair
+
+
+def _parse_pair(row: Any) -> tuple[str, PreferencePair]:
     if not isinstance(row, dict):
         raise ChatFormatError(getattr(row, "problem", None) or f"expected a JSON object, got {type(row).__name__}")
     missing = [k for k in ("chosen", "rejected") if k not in row or row[k] is None]
@@ -182,8 +194,10 @@ def _unusable(pair: PreferencePair) -> tuple[str, str] | None:
 
 def load_pairs(files: list[str | Path], *, skip_bad_rows: bool = False, on_identical: Unusable = "drop",
                on_empty: Unusable = "drop", report: PairReport | None = None,
-               key: str = "dpo.train_files") -> list[PreferencePair]:
-    """Every usable preference pair in `files`, in order; the rest counted in `report` or raised as DataError."""
+               key: str | None = None, section: str = "dpo") -> list[PreferencePair]:
+    """Every usable preference pair in `files`, in order; the rest counted in `report` or raised as DataError.
+    `section` is the task's config section (dpo, reward, ...), named in messages."""
+    key = key or f"{section}.train_files"
     if not files:
         raise DataError(f"{key}: no input files given")
     report = report if report is not None else PairReport()
@@ -196,7 +210,7 @@ def load_pairs(files: list[str | Path], *, skip_bad_rows: bool = False, on_ident
                 shape, pair = parse_row(row)
             except ChatFormatError as err:
                 if not skip_bad_rows:
-                    raise DataError(f"{where}: {err} (set dpo.skip_bad_rows=true to skip such rows)") from None
+                    raise DataError(f"{where}: {err} (set {section}.skip_bad_rows=true to skip such rows)") from None
                 report.skipped_rows += 1
                 report.note(where, str(err))
                 continue
@@ -204,7 +218,7 @@ def load_pairs(files: list[str | Path], *, skip_bad_rows: bool = False, on_ident
             if problem is not None:
                 kind, text = problem
                 if policy[kind] == "error":
-                    raise DataError(f"{where}: {text} (set dpo.on_{kind}=drop to drop and count such pairs)")
+                    raise DataError(f"{where}: {text} (set {section}.on_{kind}=drop to drop and count such pairs)")
                 setattr(report, kind, getattr(report, kind) + 1)
                 report.note(where, text)
                 continue
@@ -237,7 +251,7 @@ def tokenize_pair(tokenizer: PreTrainedTokenizerBase, pair: PreferencePair) -> T
     if prompt_c != prompt_r:
         raise ChatFormatError("the chat template renders the shared prompt differently for chosen and rejected")
     as_array = lambda ids: np.asarray(ids, dtype=np.int64)  # noqa: E731
-    return TokenPair(as_array(prompt_c), as_array(chosen), as_array(rejected))
+    return TokenPair(as_array(prompt_c), as_array(chosen), as_array(rejected), pair.margin)
 
 
 def fit_lengths(pair: TokenPair, max_len: int, max_prompt_len: int) -> TokenPair:
@@ -245,15 +259,15 @@ def fit_lengths(pair: TokenPair, max_len: int, max_prompt_len: int) -> TokenPair
     so prompt + response fits `max_len`."""
     prompt = pair.prompt[-max_prompt_len:]
     room = max_len - len(prompt)
-    return TokenPair(prompt, pair.chosen[:room], pair.rejected[:room])
+    return TokenPair(prompt, pair.chosen[:room], pair.rejected[:room], pair.margin)
 
 
 def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, pairs: list[PreferencePair], *, max_len: int,
                    max_prompt_len: int, overlong: Overlong = "truncate",
-                   report: PairReport | None = None) -> list[TokenPair]:
+                   report: PairReport | None = None, section: str = "dpo") -> list[TokenPair]:
     """Token pairs within the limits; over-long pairs truncated, dropped or refused (and counted)."""
     if not 0 < max_prompt_len < max_len:
-        raise DataError(f"dpo.max_prompt_len ({max_prompt_len}) must be positive and below data.seq_len ({max_len})")
+        raise DataError(f"{section}.max_prompt_len ({max_prompt_len}) must be positive and below data.seq_len ({max_len})")
     report = report if report is not None else PairReport()
     out = []
     for pair in pairs:
@@ -264,7 +278,7 @@ def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, pairs: list[PreferencePai
         if len(tokens.prompt) > max_prompt_len or tokens.longest > max_len:
             if overlong == "error":
                 raise DataError(f"{pair.where}: pair has {len(tokens.prompt)} prompt and {tokens.longest} total "
-                                f"tokens, over dpo.max_prompt_len={max_prompt_len} or data.seq_len={max_len}")
+                                f"tokens, over {section}.max_prompt_len={max_prompt_len} or data.seq_len={max_len}")
             if overlong == "drop":
                 report.dropped_overlong += 1
                 report.note(pair.where, "over the length limits")
@@ -279,13 +293,40 @@ def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, pairs: list[PreferencePai
 def load_token_pairs(files: list[str | Path], tokenizer: PreTrainedTokenizerBase, *, max_len: int,
                      max_prompt_len: int, overlong: Overlong = "truncate", on_identical: Unusable = "drop",
                      on_empty: Unusable = "drop", skip_bad_rows: bool = False,
-                     key: str = "dpo.train_files") -> tuple[list[TokenPair], PairReport]:
+                     key: str | None = None, section: str = "dpo") -> tuple[list[TokenPair], PairReport]:
     """Read, validate and tokenize preference files; the report counts every pair not used as given."""
     report = PairReport()
     pairs = load_pairs(files, skip_bad_rows=skip_bad_rows, on_identical=on_identical, on_empty=on_empty,
-                       report=report, key=key)
+                       report=report, key=key, section=section)
     tokens = tokenize_pairs(tokenizer, pairs, max_len=max_len, max_prompt_len=max_prompt_len, overlong=overlong,
-                            report=report)
+                            report=report, section=section)
     if not tokens:
         raise DataError(f"{', '.join(map(str, files))}: no usable preference pair ({report.summary()})")
     return tokens, report
+
+
+@dataclass
+class PreferenceData:
+    train: list[TokenPair]
+    val: list[TokenPair] | None
+    train_report: PairReport
+    val_report: PairReport | None
+
+
+def load_preference_data(d, tokenizer, *, seq_len: int, seed: int, section: str) -> PreferenceData:
+    """Train and validation token pairs of a pair-data section (`dpo`, `reward`, ...); without `val_files`,
+    `val_fraction` of the pairs (a fixed seeded draw) is held out."""
+    common = dict(max_len=seq_len, max_prompt_len=d.max_prompt_len, overlong=d.overlong, section=section,
+                  on_identical=d.on_identical, on_empty=d.on_empty, skip_bad_rows=d.skip_bad_rows)
+    train_pairs, train_report = load_token_pairs(d.train_files, tokenizer, **common)
+    if d.val_files:
+        val_pairs, val_report = load_token_pairs(d.val_files, tokenizer, key=f"{section}.val_files", **common)
+        return PreferenceData(train_pairs, val_pairs, train_report, val_report)
+    if d.val_fraction > 0:
+        order = np.random.default_rng([seed, 1]).permutation(len(train_pairs))
+        n_val = max(1, int(len(train_pairs) * d.val_fraction))
+        held = set(order[:n_val].tolist())
+        val = [p for i, p in enumerate(train_pairs) if i in held]
+        train = [p for i, p in enumerate(train_pairs) if i not in held]
+        return PreferenceData(train, val, train_report, None)
+    return PreferenceData(train_pairs, None, train_report, None)

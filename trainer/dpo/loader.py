@@ -17,7 +17,7 @@ and `ref_rejected_logps`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -69,7 +69,8 @@ class PairLoader(SampledLoader):
 
     def __init__(self, pairs: Sequence[TokenPair], batch_size: int, pad_id: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, ref_logps: torch.Tensor | None = None,
-                 pad_to_multiple_of: int = 8):
+                 pad_to_multiple_of: int = 8, collate: Callable[..., dict[str, torch.Tensor]] = collate_pairs):
+        self.collate = collate  # how a task lays pairs out (DPO: labelled responses; reward: scored sequences)
         self.pairs = list(pairs)
         self.global_batch = batch_size * world_size
         self.fingerprint = fingerprint(self.pairs)
@@ -87,15 +88,17 @@ class PairLoader(SampledLoader):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for mine, _ in self.sampler:
-            yield collate_pairs([self.pairs[i] for i in mine], self.pad_id, self.pad_to_multiple_of,
-                                self.ref_logps, mine)
+            yield self.collate([self.pairs[i] for i in mine], self.pad_id, self.pad_to_multiple_of,
+                               self.ref_logps, mine)
 
 
 class PairBatches:
     """Every pair once, rank-sharded (pair i on rank i % world_size), the same number of batches on every rank."""
 
     def __init__(self, pairs: Sequence[TokenPair], batch_size: int, pad_id: int, *, rank: int = 0,
-                 world_size: int = 1, ref_logps: torch.Tensor | None = None, pad_to_multiple_of: int = 8):
+                 world_size: int = 1, ref_logps: torch.Tensor | None = None, pad_to_multiple_of: int = 8,
+                 collate: Callable[..., dict[str, torch.Tensor]] = collate_pairs):
+        self.collate = collate
         _check_table(ref_logps, len(pairs))
         self.pairs, self.batch_size, self.pad_id = list(pairs), batch_size, pad_id
         self.rank, self.world_size, self.ref_logps = rank, world_size, ref_logps
@@ -112,5 +115,5 @@ class PairBatches:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for chunk, real in self.sampler:
             mask = [1.0] * real + [0.0] * (self.batch_size - real)
-            yield collate_pairs([self.pairs[i] for i in chunk], self.pad_id, self.pad_to_multiple_of,
-                                self.ref_logps, chunk, mask)
+            yield self.collate([self.pairs[i] for i in chunk], self.pad_id, self.pad_to_multiple_of,
+                               self.ref_logps, chunk, mask)

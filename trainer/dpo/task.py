@@ -12,18 +12,16 @@ Run folder (`train.output_dir`):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from trainer.chat import load_chat_tokenizer, template_name
 from trainer.data.tokenizer import tokenizer_hash
-from trainer.dpo.config import DPOConfig
-from trainer.dpo.data import PairReport, TokenPair, load_token_pairs
+from trainer.dpo.config import DPOConfig, pair_config_problems
+from trainer.dpo.data import PreferenceData, TokenPair, load_preference_data
 from trainer.dpo.loader import PairBatches, PairLoader
 from trainer.dpo.losses import LossParams
 from trainer.dpo.objective import PreferenceObjective, count_pairs
@@ -33,49 +31,9 @@ from trainer.dpo.reference import AdapterReference, FrozenCopyReference, Precomp
 from trainer.loop import RunResult
 from trainer.task import TaskContext, TaskData, TaskParts, TaskSpec, run_task
 
-@dataclass
-class PreferenceData:
-    train: list[TokenPair]
-    val: list[TokenPair] | None
-    train_report: PairReport
-    val_report: PairReport | None
-
-
-def load_preference_data(cfg: DPOConfig, tokenizer) -> PreferenceData:
-    """Train and validation token pairs; without `dpo.val_files`, `dpo.val_fraction` of the pairs (a fixed
-    seeded draw) is held out."""
-    d = cfg.dpo
-    common = dict(max_len=cfg.data.seq_len, max_prompt_len=d.max_prompt_len, overlong=d.overlong,
-                  on_identical=d.on_identical, on_empty=d.on_empty, skip_bad_rows=d.skip_bad_rows)
-    train_pairs, train_report = load_token_pairs(d.train_files, tokenizer, **common)
-    if d.val_files:
-        val_pairs, val_report = load_token_pairs(d.val_files, tokenizer, key="dpo.val_files", **common)
-        return PreferenceData(train_pairs, val_pairs, train_report, val_report)
-    if d.val_fraction > 0:
-        order = np.random.default_rng([cfg.train.seed, 1]).permutation(len(train_pairs))
-        n_val = max(1, int(len(train_pairs) * d.val_fraction))
-        held = set(order[:n_val].tolist())
-        val = [p for i, p in enumerate(train_pairs) if i in held]
-        train = [p for i, p in enumerate(train_pairs) if i not in held]
-        return PreferenceData(train, val, train_report, None)
-    return PreferenceData(train_pairs, None, train_report, None)
-
-
 def pad_multiple() -> int:
     """Row lengths rounded up for tensor-core friendly shapes on GPUs; exact on CPU."""
     return 8 if torch.cuda.is_available() else 1
-
-
-def check_dpo_config(cfg: DPOConfig) -> list[str]:
-    problems = []
-    if cfg.data.path:
-        problems.append("defaults: data.path: DPO reads dpo.train_files, not token shards; remove data.path")
-    if not cfg.dpo.train_files:
-        problems.append("defaults: dpo.train_files: no preference files given")
-    if cfg.dpo.max_prompt_len >= cfg.data.seq_len:
-        problems.append(f"defaults: dpo.max_prompt_len: {cfg.dpo.max_prompt_len} leaves no room for a response "
-                        f"within data.seq_len {cfg.data.seq_len}")
-    return problems
 
 
 def reference_tables(cfg: DPOConfig, accelerator: Accelerator, ref_model: torch.nn.Module, tokenizer,
@@ -117,7 +75,7 @@ def reference_tables(cfg: DPOConfig, accelerator: Accelerator, ref_model: torch.
 def load_dpo_data(cfg: DPOConfig) -> TaskData:
     d = cfg.dpo
     tokenizer = load_chat_tokenizer(cfg, d.chat_template)
-    data = load_preference_data(cfg, tokenizer)
+    data = load_preference_data(d, tokenizer, seq_len=cfg.data.seq_len, seed=cfg.train.seed, section="dpo")
     report = [f"train pairs: {data.train_report.summary()}"]
     if data.val_report is not None:
         report.append(f"val pairs: {data.val_report.summary()}")
@@ -172,7 +130,7 @@ def print_before_after(ctx: TaskContext, result: RunResult) -> None:
             ctx.accelerator.print(line)
 
 
-DPO = TaskSpec(name="dpo", tuning_section="dpo", check_config=check_dpo_config, load_data=load_dpo_data,
+DPO = TaskSpec(name="dpo", tuning_section="dpo", check_config=lambda cfg: pair_config_problems(cfg, "dpo"), load_data=load_dpo_data,
                before_tuning=keep_reference_copy, build=build_dpo, finish=print_before_after)
 
 

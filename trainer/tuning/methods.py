@@ -45,7 +45,8 @@ def check_method_supported(section: TuningSection, *, key: str, deepspeed_stage:
 
 
 def apply_method(model: nn.Module, section: TuningSection, *, key: str, tokenizer=None,
-                 compute_dtype: torch.dtype = torch.float32, base_name: str | None = None) -> nn.Module:
+                 compute_dtype: torch.dtype = torch.float32, base_name: str | None = None,
+                 modules_to_save: tuple[str, ...] = ()) -> nn.Module:
     """The model to train: itself (full), a PEFT LoRA model, LoRA over a 4-bit base, or a prompt-tuned wrapper."""
     method = section.method
     if method == "full":
@@ -54,9 +55,10 @@ def apply_method(model: nn.Module, section: TuningSection, *, key: str, tokenize
         from peft import LoraConfig, get_peft_model
 
         if method == "qlora":
-            model = quantize_linear_layers(model, compute_dtype=compute_dtype, skip=("output",))
+            model = quantize_linear_layers(model, compute_dtype=compute_dtype, skip=("output", *modules_to_save))
         lora = LoraConfig(r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=section.lora.dropout,
-                          target_modules=target_modules(section), bias="none")
+                          target_modules=target_modules(section), bias="none",
+                          modules_to_save=list(modules_to_save) or None)
         peft_model = get_peft_model(model, lora)
         # Set after wrapping: PEFT resets it from the base model, which for our Transformer has no name.
         peft_model.peft_config["default"].base_model_name_or_path = base_name

@@ -37,7 +37,8 @@ def _zero3_params(params: list[nn.Parameter]) -> list[nn.Parameter]:
 
 def gather_trainable_state(accelerator: Accelerator, prepared: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """(the unwrapped model, full copies of its trainable parameters on CPU); every rank must call it."""
-    model = accelerator.unwrap_model(prepared)
+    # The module itself, not a compiled wrapper whose parameter names carry `_orig_mod.`.
+    model = accelerator.unwrap_model(prepared, keep_torch_compile=False)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     sharded = _zero3_params([p for _, p in named])
     gather = contextlib.nullcontext()
