@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on a laptop CPU, on data this project generates itself (no downloads):
 # demo data -> tokenizer -> token shards -> pretraining -> LoRA SFT (before/after generations)
-# -> merged export -> DPO (held-out preference accuracy before/after).
+# -> merged export -> DPO (held-out preference accuracy before/after) -> a reward model on the same pairs.
 # Everything lands under runs/demo/ (override with RUN=...). A few minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,5 +46,12 @@ rm -rf "$RUN/dpo"
     model.init_from="$RUN/sft/model" \
     "dpo.train_files=[$RUN/data/raw/dpo.jsonl]" "dpo.val_files=[$RUN/data/raw/dpo_eval.jsonl]" \
     train.output_dir="$RUN/dpo"
+
+step "8. reward model: a score head on the SFT model's trunk, LoRA, the same pairs (held-out accuracy before -> after)"
+rm -rf "$RUN/reward"
+"${LAUNCH[@]}" launch/reward.py --config configs/demo_reward_cpu.yaml \
+    model.init_from="$RUN/sft/model" \
+    "reward.train_files=[$RUN/data/raw/dpo.jsonl]" "reward.val_files=[$RUN/data/raw/dpo_eval.jsonl]" \
+    train.output_dir="$RUN/reward"
 
 step "done: everything is under $RUN (metrics.jsonl and tensorboard/ in each stage's folder)"

@@ -206,3 +206,14 @@ def test_real_preferences_train_a_reward_model(shared_data, tmp_path):
     val = _metrics(tmp_path / "out", "val")
     start, end = val[0], val[60]
     assert end["accuracy"] > start["accuracy"] and end["accuracy"] > 0.55, (start, end)
+
+
+def test_shipped_reward_and_classify_recipes_validate():
+    from trainer.classify.config import ClassifyConfig
+    from trainer.config import load_config
+    from trainer.reward.config import RewardConfig
+
+    for path in [*(REPO_ROOT / "configs").glob("reward_*.yaml"), REPO_ROOT / "configs" / "demo_reward_cpu.yaml"]:
+        assert load_config(path, schema=RewardConfig).reward.method in ("full", "lora", "qlora"), path
+    recipes = list((REPO_ROOT / "configs").glob("classify_*.yaml"))
+    assert recipes and all(load_config(p, schema=ClassifyConfig).classify.train_files for p in recipes)
