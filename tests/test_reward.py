@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from tests.pretrain_run import env
 from tests.sft_fixtures import demo_rows, make_tokenizer, write_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +23,8 @@ MODEL = {"preset": "tiny", "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads":
 
 
 def _run(args: list[str], timeout: int = 300, ok: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(args, cwd=REPO_ROOT, env={**env(), "TOKENIZERS_PARALLELISM": "false"},
+                          capture_output=True, text=True, timeout=timeout)
     if ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -130,7 +130,7 @@ def test_full_reward_model_trains_exports_and_resumes_exactly(demo):
         assert resumed[step]["margin"] == pytest.approx(straight[step]["margin"], rel=1e-5, abs=1e-7)
 
 
-def test_lora_reward_model_on_a_causal_lm_saves_adapter_and_merged_model(demo):
+def _lora_run_matches_its_adapter(demo, name: str, launcher: list[str], *extra: str) -> None:
     """LoRA on an HF Llama folder's trunk, the head trained in full: model/ (merged) scores exactly what
     the base with the saved adapter scores."""
     from peft import PeftModel
@@ -141,12 +141,13 @@ def test_lora_reward_model_on_a_causal_lm_saves_adapter_and_merged_model(demo):
     from tests.sft_fixtures import tiny_model
 
     base = demo / "base-lm"
-    lm = tiny_model(400, seed=3)
-    save_hf_model(lm, lm.cfg, base)
-    shutil.copytree(demo / "tokenizer", base, dirs_exist_ok=True)
-    out = demo / "lora"
-    _run([sys.executable, "launch/reward.py", "--config",
-          str(_config(demo, out, model={"init_from": str(base)}, method="lora", lora={"r": 4, "alpha": 8}))])
+    if not base.is_dir():
+        lm = tiny_model(400, seed=3)
+        save_hf_model(lm, lm.cfg, base)
+        shutil.copytree(demo / "tokenizer", base, dirs_exist_ok=True)
+    out = demo / name
+    config = _config(demo, out, model={"init_from": str(base)}, method="lora", lora={"r": 4, "alpha": 8})
+    _run([*launcher, "launch/reward.py", "--config", str(config), *extra])
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["modules_to_save"] == ["score"]
     merged, _ = load_hf_classifier(out / "model")
@@ -157,6 +158,21 @@ def test_lora_reward_model_on_a_causal_lm_saves_adapter_and_merged_model(demo):
         assert torch.allclose(merged.eval()(ids), with_adapter.eval()(ids), atol=1e-5)
         assert not torch.allclose(merged(ids), SequenceClassifier.from_causal_lm(load_hf_model(base), 1)(ids))
     assert sorted(_metrics(out, "val")) == [0, 4]
+    return out
+
+
+def test_lora_reward_model_on_a_causal_lm_saves_adapter_and_merged_model(demo):
+    _lora_run_matches_its_adapter(demo, "lora", [sys.executable])
+
+
+@pytest.mark.slow
+def test_lora_reward_model_under_two_rank_zero3(demo):
+    """ZeRO-3 partitions the adapter and the head: both are gathered before the merged model is written."""
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--use_deepspeed",
+                "--zero_stage", "3"]
+    out = _lora_run_matches_its_adapter(demo, "lora-z3", launcher, "train.deepspeed=zero3")
+    assert {r["world_size"] for r in _metrics(out, "train").values()} == {2}
 
 
 def test_bad_reward_input_is_one_line(demo, tmp_path):

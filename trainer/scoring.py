@@ -9,6 +9,7 @@ A scoring run's folder:
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -91,7 +92,9 @@ def _tuned_classifier(ctx: TaskContext, live: nn.Module, trainable: dict[str, to
         model.load_state_dict(trainable, strict=True)
         return model
     base = make_classifier(ctx, num_labels)
-    peft_model = get_peft_model(base, live.peft_config["default"])
+    config = copy.deepcopy(live.peft_config["default"])
+    config.base_model_name_or_path = None  # the rebuilt base has no name of its own; nothing is saved from it
+    peft_model = get_peft_model(base, config)
     _, unexpected = peft_model.load_state_dict(trainable, strict=False)
     if unexpected:
         raise RuntimeError(f"trained weights without a place in the rebuilt model: {unexpected[:3]}")
