@@ -33,7 +33,8 @@ class RowsPerSecond(ProgressColumn):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True,
-                        help="a reward/classify run folder, a checkpoint, or an HF LlamaForSequenceClassification folder")
+                        help="a reward/classify run folder, one of its checkpoints, or an HF "
+                             "LlamaForSequenceClassification folder")
     parser.add_argument("--input", required=True, help="rows to score (.jsonl, .json, .jsonl.gz)")
     parser.add_argument("--output", required=True, help="JSONL file to write (the input rows plus their scores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -101,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl_atomic(args.output, scored_rows(rows, logits, source.id2label, field_name=args.field,
                                                 label_field=args.label_field, scores_field=args.scores_field))
 
-    summary = [f"scored {len(rows)} rows in {seconds:.1f}s ({len(rows) / max(seconds, 1e-9):.1f} rows/s) "
-               f"-> {args.output}"]
+    rate = len(rows) / max(seconds, 1e-9)
+    summary = [f"scored {len(rows)} rows in {seconds:.1f}s ({rate:.1f} rows/s) -> {args.output}"]
     if report.truncated:
         summary.append(f"{report.truncated} cut to --max-len {max_len} / --max-prompt-len {max_prompt_len}")
     if report.skipped:

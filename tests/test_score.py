@@ -260,7 +260,7 @@ def fake_run(run: Path, model_folder: Path | None, model, tokenizer, classifier_
         (step / "classifier.json").write_text(json.dumps({"num_labels": 1, "id2label": {"0": "reward"}}))
     (step / "COMPLETE").write_text("")
     tokenizer.save_pretrained(str(run / "tokenizer"))
-    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"seq_len": 40}, "reward": {"max_prompt_len": 20}}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"seq_len": 64}, "reward": {"max_prompt_len": 32}}))
     if model_folder is not None:
         shutil.copytree(model_folder, run / "model")
     return run
@@ -278,11 +278,11 @@ def test_run_folder_its_model_and_its_checkpoint_score_alike(reward, work, tmp_p
     for name, path in [("run", with_model), ("model", with_model / "model"), ("checkpoint_run", checkpoint_only),
                        ("checkpoint", checkpoint_only / "checkpoints" / "step_00000004"),
                        ("explicit", folder)]:
-        limits = ["--max-len", 40, "--max-prompt-len", 20] if name == "explicit" else []
+        limits = ["--max-len", 64, "--max-prompt-len", 32] if name == "explicit" else []
         assert score("--model", path, "--input", tmp_path / "in.jsonl", "--output", tmp_path / f"{name}.jsonl",
                      *limits) == 0, capsys.readouterr().err
         results[name] = [r["score"] for r in read_jsonl(tmp_path / f"{name}.jsonl")]
-    assert "1 cut to --max-len 40 / --max-prompt-len 20" in capsys.readouterr().out
+    assert "1 cut to --max-len 64 / --max-prompt-len 32" in capsys.readouterr().out
     for name, got in results.items():
         np.testing.assert_allclose(got, results["explicit"], rtol=0, atol=1e-5, err_msg=name)
 
@@ -370,16 +370,39 @@ def test_a_failed_write_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_command_line(reward, tmp_path):
-    """The real entry point: exit codes, one-line errors, the summary."""
+@pytest.mark.gpu
+def test_cuda_and_bf16_score_as_the_cpu_does(reward, tmp_path):
+    """GPU batches pad to multiples of 8 and may run in bf16; the scores stay the CPU's."""
+    from trainer.cli import guarded
+
     folder, _ = reward
-    inp = write_jsonl(tmp_path / "in.jsonl", [GOOD, GOOD])
+    write_jsonl(tmp_path / "in.jsonl", mixed_rows())
+    results = {}
+    for name, extra in (("cpu", ["--device", "cpu"]), ("cuda", ["--device", "cuda"]),
+                        ("bf16", ["--device", "cuda", "--bf16"])):
+        argv = ["--model", str(folder), "--input", str(tmp_path / "in.jsonl"), "--output",
+                str(tmp_path / f"{name}.jsonl"), "--batch-size", "5", "--no-progress", *extra]
+        assert guarded(lambda argv=argv: CLI.main(argv)) == 0
+        results[name] = np.array([r["score"] for r in read_jsonl(tmp_path / f"{name}.jsonl")])
+    np.testing.assert_allclose(results["cuda"], results["cpu"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(results["bf16"], results["cpu"], rtol=0, atol=0.1 * np.abs(results["cpu"]).max())
+
+
+def test_the_command_line(reward, tmp_path):
+    """The real entry point, progress bar included (not a terminal here); its errors are tested in-process."""
+    folder, _ = reward
+    inp = write_jsonl(tmp_path / "in.jsonl", [GOOD, {"text": "Plain."}, {"prompt": "Hi"}])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "launch/score.py", "--model", str(folder), "--input", str(inp), "--device", "cpu"]
-    ok = subprocess.run(cmd + ["--output", str(tmp_path / "out.jsonl")], cwd=REPO_ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "scored 2 rows" in ok.stdout and len(read_jsonl(tmp_path / "out.jsonl")) == 2
-    bad = subprocess.run(cmd + ["--output", str(inp)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") and len(bad.stderr.splitlines()) == 1
+    proc = subprocess.run([sys.executable, "launch/score.py", "--model", str(folder), "--input", str(inp),
+                           "--output", str(tmp_path / "out.jsonl"), "--device", "cpu", "--skip-bad-rows"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "scored 2 rows" in proc.stdout and f"1 bad rows skipped (e.g. {inp}:3: missing 'response')" in proc.stdout
+    assert [r["score"] for r in read_jsonl(tmp_path / "out.jsonl")] == [pytest.approx(s, abs=1e-5) for s in (
+        [r["score"] for r in _in_process(folder, tmp_path, [GOOD, {"text": "Plain."}])])]
+
+
+def _in_process(folder: Path, tmp_path: Path, rows: list[dict]) -> list[dict]:
+    write_jsonl(tmp_path / "again.jsonl", rows)
+    assert score("--model", folder, "--input", tmp_path / "again.jsonl", "--output", tmp_path / "again_out.jsonl") == 0
+    return read_jsonl(tmp_path / "again_out.jsonl")

@@ -32,7 +32,6 @@ from trainer.config import ConfigError
 from trainer.data.sources import DataError
 from trainer.dpo.data import PairReport, PreferencePair, tokenize_pairs
 from trainer.run_folder import resolve
-from trainer.scoring import checkpoint_classifier, load_classifier
 from trainer.sft.data import iter_rows
 
 DEFAULT_MAX_LEN = 1024
@@ -64,16 +63,13 @@ def find_classifier(path: str | Path) -> ClassifierSource:
 
     Reads only configs, so a wrong path fails before any data or weights are read."""
     paths = resolve(path)
-    if paths.is_run:
-        weights = paths.model or paths.checkpoint
-        if weights is None:
+    weights = paths.model or paths.checkpoint  # a run folder's model/ comes before its checkpoints
+    if weights is None:
+        if paths.is_run:
             raise FileNotFoundError(f"{path}: run folder has neither a model/ folder nor a complete checkpoint")
-    else:
-        weights = paths.model or paths.checkpoint
-        if weights is None and paths.adapter is not None:
+        if paths.adapter is not None:
             raise ValueError(f"{path}: a PEFT adapter, not a model; score the run's merged model/ folder")
-        if weights is None:
-            raise FileNotFoundError(f"{path}: neither an HF model folder (no config.json) nor a checkpoint of ours")
+        raise FileNotFoundError(f"{path}: neither an HF model folder (no config.json) nor a checkpoint of ours")
     where = f"{path}" if Path(path) == weights else f"{path}: {weights}"
     if weights == paths.model:
         if not is_hf_classifier_folder(weights):
@@ -89,6 +85,8 @@ def find_classifier(path: str | Path) -> ClassifierSource:
         id2label = {i: names.get(str(i), f"LABEL_{i}") for i in range(n)}
         is_hf = True
     else:
+        from trainer.scoring import checkpoint_classifier  # with peft: seconds of import an HF folder never needs
+
         held = checkpoint_classifier(weights)
         if held is None:
             raise ValueError(f"{where} holds a causal LM checkpoint (no classifier.json), not a sequence "
@@ -123,6 +121,8 @@ def load_scoring_model(source: ClassifierSource, device: torch.device, dtype: to
         # An explicit dtype: a folder saved in bf16 would otherwise score in bf16 on CPU too.
         model, _ = load_hf_classifier(source.weights, dtype=dtype, device=device)
     else:
+        from trainer.scoring import load_classifier
+
         try:
             model = load_classifier(str(source.weights), source.num_labels, key="--model")
         except ConfigError as err:  # the CLI's guard would print it as a config problem
@@ -248,10 +248,11 @@ def tokenize_score_rows(tokenizer, rows: Sequence[ScoreRow], *, max_len: int, ma
                                 max_prompt_len=max_prompt_len, overlong="truncate", report=pair_report,
                                 section="score")
         report.truncated += pair_report.truncated
-        for i, t in zip(chat, tokens):
+        for i, t in zip(chat, tokens, strict=True):
             seqs[i] = np.concatenate([t.prompt, t.chosen])
     texts = [i for i, r in enumerate(rows) if r.text is not None]
-    for i, (ids, truncated) in zip(texts, encode_texts(tokenizer, [rows[i].text for i in texts], max_len)):
+    encoded = encode_texts(tokenizer, [rows[i].text for i in texts], max_len)
+    for i, (ids, truncated) in zip(texts, encoded, strict=True):
         seqs[i] = np.asarray(ids, dtype=np.int64)
         report.truncated += truncated
     return seqs  # type: ignore[return-value]
@@ -295,7 +296,7 @@ def scored_rows(rows: Sequence[ScoreRow], logits: np.ndarray, id2label: dict[int
                 label_field: str, scores_field: str) -> list[dict[str, Any]]:
     """Each row as read plus its score (one label) or its argmax label name and every label's logit."""
     out = []
-    for r, row_logits in zip(rows, logits):
+    for r, row_logits in zip(rows, logits, strict=True):
         if len(id2label) == 1:
             out.append({**r.row, field_name: float(row_logits[0])})
         else:
@@ -325,8 +326,7 @@ def write_jsonl_atomic(path: str | Path, rows: Sequence[dict[str, Any]]) -> None
     tmp = staging_path(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
