@@ -76,6 +76,9 @@ class TrainSection(Section):
     )
     activation_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile the model")
+    loss_chunking: Literal["auto", "on", "off"] = Field(
+        "auto", description="token losses without whole-batch logits: auto chunks the labelled tokens when their "
+                            "fp32 logits exceed 256 MiB; on always; off = full logits (trainer/token_logps.py)")
     eval_every: int = Field(0, ge=0, description="validate every N steps; 0 = only at the end")
     eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank")
     eval_at_start: bool = Field(False, description="also validate before the first step (a baseline figure)")

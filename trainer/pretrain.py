@@ -7,7 +7,7 @@ from pathlib import Path
 from trainer.config import RunConfig
 from trainer.data.shards import PretrainLoader, TokenShards, check_tokenizer_matches
 from trainer.loop import RunResult
-from trainer.objectives import across_documents, causal_lm_objective
+from trainer.objectives import across_documents, causal_lm
 from trainer.task import TaskContext, TaskData, TaskParts, TaskSpec, run_task
 
 
@@ -46,7 +46,9 @@ def build_pretraining(ctx: TaskContext, model) -> TaskParts:
     def val_batches():
         return iter(PretrainLoader(shards.val, shuffle=False, validation=True, **common))
 
-    objective = causal_lm_objective if cfg.data.document_masking else across_documents(causal_lm_objective)
+    objective = causal_lm(cfg.train.loss_chunking)
+    if not cfg.data.document_masking:
+        objective = across_documents(objective)
     return TaskParts(objective=objective, train_loader=loader,
                      val_batches=val_batches if shards.val is not None else None)
 

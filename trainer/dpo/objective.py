@@ -15,15 +15,22 @@ from torch import nn
 
 from trainer.dpo.losses import LOSSES, LossParams, PairLogps, preference_loss
 from trainer.objectives import IGNORE_INDEX, Stats
+from trainer.token_logps import LossChunking, label_logps, lm_head_of
 
 
-def sequence_logps(model: nn.Module, input_ids: torch.Tensor,
-                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed log-probability of its labelled tokens (fp32) and how many there are, each (R,)."""
-    logits = model(input_ids)  # (R, T, V)
+def sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *,
+                   chunking: LossChunking = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its labelled tokens (fp32) and how many there are, each (R,).
+
+    `chunking` (`train.loss_chunking`): only `off` computes the logits of every position; otherwise the
+    head runs over the response positions alone, in chunks when their logits would be large."""
     mask = labels != IGNORE_INDEX  # (R, T)
-    # Only response positions are scored: the (N, V) selection is far smaller than all logits in fp32.
-    token_logps = -F.cross_entropy(logits[mask].float(), labels[mask], reduction="none")  # (N,)
+    if chunking == "off":
+        logits = model(input_ids)  # (R, T, V)
+        token_logps = -F.cross_entropy(logits[mask].float(), labels[mask], reduction="none")  # (N,)
+    else:
+        h = model(input_ids, return_hidden=True)  # (R, T, dim)
+        token_logps = label_logps(h[mask], labels[mask], lm_head_of(model), chunking)  # (N,)
     rows = torch.arange(labels.size(0), device=labels.device).unsqueeze(1).expand_as(labels)[mask]
     summed = torch.zeros(labels.size(0), dtype=torch.float32, device=labels.device).index_add(0, rows, token_logps)
     return summed, mask.sum(dim=1).float()
@@ -44,16 +51,18 @@ def count_pairs(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 class PreferenceObjective:
     """`objective(model, batch) -> (loss_sum, stats)` for the loop, for any loss in `LOSSES`."""
 
-    def __init__(self, loss: str, params: LossParams, reference: Reference | None):
+    def __init__(self, loss: str, params: LossParams, reference: Reference | None, *,
+                 chunking: LossChunking = "auto"):
         if loss not in LOSSES:
             raise ValueError(f"dpo.loss: unknown loss '{loss}' (choose {', '.join(LOSSES)})")
         if LOSSES[loss].needs_reference and reference is None:
             raise ValueError(f"dpo.loss '{loss}' needs a reference model (dpo.reference)")
-        self.loss, self.params = loss, params
+        self.loss, self.params, self.chunking = loss, params, chunking
         self.reference = reference if LOSSES[loss].needs_reference else None
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
-        logps, tokens = sequence_logps(model, batch["input_ids"], batch["labels"])  # (2B,), (2B,)
+        logps, tokens = sequence_logps(model, batch["input_ids"], batch["labels"],
+                                      chunking=self.chunking)  # (2B,), (2B,)
         chosen, rejected = logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
         ref_chosen = ref_rejected = None

@@ -108,7 +108,8 @@ def build_dpo(ctx: TaskContext, model) -> TaskParts:
     elif strategy == "adapter":
         reference = AdapterReference(accelerator)
     objective = PreferenceObjective(d.loss, LossParams(beta=d.beta, label_smoothing=d.label_smoothing,
-                                                       simpo_gamma=d.simpo_gamma), reference)
+                                                       simpo_gamma=d.simpo_gamma), reference,
+                                   chunking=cfg.train.loss_chunking)
     pad = dict(pad_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple())
     loader = PairLoader(data.train, cfg.train.micro_batch_size, seed=cfg.train.seed, rank=ctx.rank,
                         world_size=ctx.world_size, shuffle=cfg.data.shuffle, ref_logps=train_table, **pad)

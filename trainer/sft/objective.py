@@ -7,7 +7,8 @@ token-weighted mean over every assistant token seen.
 """
 from __future__ import annotations
 
-from trainer.objectives import causal_lm_objective
+from trainer.objectives import causal_lm, causal_lm_objective
 
 # Same computation as pretraining; what differs is the batch (labels only on assistant tokens).
 sft_objective = causal_lm_objective
+sft_objective_with = causal_lm  # the same, with the run's `train.loss_chunking` bound

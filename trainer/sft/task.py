@@ -16,7 +16,7 @@ from trainer.loop import RunResult
 from trainer.sft.config import SFTConfig
 from trainer.sft.data import Example, load_sft_examples
 from trainer.sft.loader import SFTLoader
-from trainer.sft.objective import sft_objective
+from trainer.sft.objective import sft_objective_with
 from trainer.task import TaskContext, TaskData, TaskParts, TaskSpec, run_task
 
 
@@ -64,7 +64,8 @@ def build_sft(ctx: TaskContext, model) -> TaskParts:
 
     if data.val:
         val_batches()  # an empty validation set fails now, not at the first evaluation
-    return TaskParts(objective=sft_objective, train_loader=loader, val_batches=val_batches if data.val else None)
+    return TaskParts(objective=sft_objective_with(ctx.cfg.train.loss_chunking), train_loader=loader,
+                     val_batches=val_batches if data.val else None)
 
 
 SFT = TaskSpec(name="sft", tuning_section="sft", check_config=check_sft_config, load_data=load_sft_data,
