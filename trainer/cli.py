@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NoReturn
 
+from trainer.checkpoint import AlreadyFinished, check_not_finished
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.loop import NonFiniteLossError
 
@@ -32,7 +34,9 @@ def run_entry_point(doc: str, schema: type[RunConfig], run: Callable[[RunConfig,
     """
     def main() -> int:
         args = run_parser(doc.strip().splitlines()[0]).parse_intermixed_args()
-        run(load_config(args.config, args.overrides, schema=schema), args.resume)
+        cfg = load_config(args.config, args.overrides, schema=schema)
+        check_not_finished(args.resume, cfg.train.output_dir, cfg.train.max_steps)
+        run(cfg, args.resume)
         return 0
 
     return guarded(main)
@@ -47,6 +51,10 @@ def guarded(main: Callable[[], int | None]) -> int:
     """Expected failures (bad config, missing files, mismatched tokenizer) end in a clean message."""
     try:
         return main() or 0
+    except AlreadyFinished as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(err, flush=True)
+        return 0
     except ConfigError as err:
         lines = str(err).splitlines()
         print(f"error: {len(lines)} problem(s) in the configuration:", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +96,29 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _world_of_one() -> None:
+    """`python launch/pretrain.py ... train.deepspeed=zero2` with no launcher: without a launcher's
+    env DeepSpeed falls back to discovering the world through MPI (and dies without mpi4py)."""
+    if any(key in os.environ for key in _LAUNCHER_ENV):
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(_free_port()))
+
+
 def build_accelerator(cfg: RunConfig, hidden_size: int, precision: str) -> Accelerator:
     """One Accelerator for every setting: single process, DDP, or DeepSpeed ZeRO from our config
     (`train.deepspeed`) or from the `accelerate launch` config file."""
+    if cfg.train.deepspeed:
+        _world_of_one()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     handlers = []
     if not torch.cuda.is_available() and world_size > 1:

@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 from model_defs import ModelConfig, Transformer
 from model_defs.hf import config_from_hf, load_hf_model, save_hf_model
 from trainer.atomic import atomic_directory, refuse_occupied
-from trainer.checkpoint import MODEL_CONFIG_FILE
+from trainer.checkpoint import MODEL_CONFIG_FILE, check_latest
 from trainer.tuning.prompt_tuning import load_prompt_tuned
 from trainer.run_folder import COMPLETE_MARKER, find_checkpoint, is_checkpoint, model_source, resolve
+from trainer.safe_load import checkpoint_loading, safe_torch_load
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja")
@@ -27,19 +28,21 @@ def checkpoint_model_config(checkpoint: str | Path) -> ModelConfig:
 
 
 def consolidated_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of the first model in a checkpoint, gathering ZeRO-2/3 shards when present."""
+    """Full fp32 weights of the first model in a checkpoint, gathering ZeRO-2/3 shards when present;
+    every file is read as data (weights_only=True, trainer.safe_load)."""
     checkpoint = Path(checkpoint)
     if not is_checkpoint(checkpoint):
         raise ValueError(f"{checkpoint}: not a complete checkpoint (no {COMPLETE_MARKER} marker)")
     if (checkpoint / "latest").is_file():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        tag = (checkpoint / "latest").read_text().strip()
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
+        tag = check_latest(checkpoint)
+        with checkpoint_loading():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
     elif (checkpoint / "model.safetensors").is_file():
         state = load_file(checkpoint / "model.safetensors")
     elif (checkpoint / "pytorch_model.bin").is_file():
-        state = torch.load(checkpoint / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        state = safe_torch_load(checkpoint / "pytorch_model.bin")
     else:
         raise FileNotFoundError(f"{checkpoint}: no model weights found (ZeRO shards or model.safetensors)")
     # A compiled model saves its weights under `_orig_mod.`; the module itself is the same.
