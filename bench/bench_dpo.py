@@ -22,18 +22,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+from bench.common import (  # noqa: E402
+    clocked,
+    emit_result,
+    make_clock,
+    peak_bytes,
+    rss_bytes,
+    run_worker,
+    work_folder,
+)
 
 OURS = ("precompute", "adapter", "offload", "resident")
 RUNS = ("sft", *OURS, "trl")
@@ -94,46 +100,12 @@ def prepare_inputs(args: argparse.Namespace, work: Path) -> None:
 # ----------------------------------------------------------------------------- workers
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_bytes(baseline: int) -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return float(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0 - baseline
-
-
 def _common_overrides(args: argparse.Namespace, work: Path, name: str, batch_rows: int) -> list[str]:
     return [f"model.init_from={work / 'base'}", f"data.tokenizer={work / 'tokenizer'}", f"data.seq_len={args.seq_len}",
             f"train.output_dir={work / 'runs' / name}", f"train.max_steps={args.warmup + args.steps}",
             f"train.micro_batch_size={batch_rows}", f"train.precision={args.precision}", "train.seed=0",
             "optim.lr=1e-4", "optim.warmup_steps=0", "logging.tensorboard=false", "logging.progress=false",
             "checkpoint.keep_last=1"]
-
-
-def _clock(args: argparse.Namespace):
-    import torch
-
-    def now() -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.process_time() if args.timer == "cpu" else time.perf_counter()
-    return now
-
-
-def _clocked(loader_cls, marks: list[float], now):
-    """The loader class with a clock reading at every batch request: one reading per optimizer step."""
-
-    class Clocked(loader_cls):
-        def __iter__(self):
-            for batch in super().__iter__():
-                marks.append(now())
-                yield batch
-    return Clocked
 
 
 def run_ours(args: argparse.Namespace, work: Path, name: str) -> dict:
@@ -146,8 +118,8 @@ def run_ours(args: argparse.Namespace, work: Path, name: str) -> dict:
     lora = ["method=lora", f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}", "lora.dropout=0.0",
             f"lora.target_modules=[{','.join(TARGETS)}]"]
     marks: list[float] = []
-    now = _clock(args)
-    baseline = _rss_bytes()
+    now = make_clock(args.timer)
+    baseline = rss_bytes()
     start = time.perf_counter()
     if name == "sft":
         import trainer.sft.task as sft_task
@@ -155,7 +127,7 @@ def run_ours(args: argparse.Namespace, work: Path, name: str) -> dict:
         from trainer.sft.task import run_sft
 
         # Replaced where the task looks it up.
-        sft_task.SFTLoader = _clocked(sft_task.SFTLoader, marks, now)
+        sft_task.SFTLoader = clocked(sft_task.SFTLoader, marks, now)
 
         cfg = load_config(None, _common_overrides(args, work, name, 2 * args.batch_pairs) + [
             f"sft.train_files=[{work / 'sft.jsonl'}]", "sft.packing=false", "sft.chat_template=llama3"]
@@ -166,7 +138,7 @@ def run_ours(args: argparse.Namespace, work: Path, name: str) -> dict:
         from trainer.dpo.config import DPOConfig
         from trainer.dpo.task import run_dpo
 
-        dpo_task.PairLoader = _clocked(dpo_task.PairLoader, marks, now)
+        dpo_task.PairLoader = clocked(dpo_task.PairLoader, marks, now)
 
         cfg = load_config(None, _common_overrides(args, work, name, args.batch_pairs) + [
             f"dpo.train_files=[{work / 'pairs.jsonl'}]", f"dpo.max_prompt_len={args.max_prompt_len}",
@@ -176,7 +148,7 @@ def run_ours(args: argparse.Namespace, work: Path, name: str) -> dict:
         run_dpo(cfg)
     total = time.perf_counter() - start
     steps = [b - a for a, b in zip(marks, marks[1:])][args.warmup:]
-    return {"step_s": statistics.median(steps), "peak_bytes": _peak_bytes(baseline), "total_s": total}
+    return {"step_s": statistics.median(steps), "peak_bytes": peak_bytes(baseline), "total_s": total}
 
 
 def run_trl(args: argparse.Namespace, work: Path) -> dict:
@@ -194,11 +166,11 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict:
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                   "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                   "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(work / "base"), dtype=torch.float32)
     marks: list[float] = []
-    now = _clock(args)
+    now = make_clock(args.timer)
 
     class StepClock(TrainerCallback):
         def on_step_end(self, *_, **__):
@@ -217,7 +189,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict:
     trainer.train()
     total = time.perf_counter() - start
     steps = [b - a for a, b in zip(marks, marks[1:])][max(args.warmup - 1, 0):]
-    return {"step_s": statistics.median(steps), "peak_bytes": _peak_bytes(baseline), "total_s": total}
+    return {"step_s": statistics.median(steps), "peak_bytes": peak_bytes(baseline), "total_s": total}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -232,7 +204,7 @@ def worker(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     work = Path(args.workdir)
     result = run_trl(args, work) if args.worker == "trl" else run_ours(args, work, args.worker)
-    print("RESULT " + json.dumps({"run": args.worker, **result}), flush=True)
+    emit_result({"run": args.worker, **result})
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -245,14 +217,7 @@ def spawn(args: argparse.Namespace, name: str) -> dict:
         value = getattr(args, flag)
         if value is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(value)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    if args.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not found:
-        raise RuntimeError(f"run '{name}' failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(found[-1].removeprefix("RESULT "))
+    return run_worker(cmd, name, cwd=REPO_ROOT, env={"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else None)
 
 
 def report(args: argparse.Namespace, best: dict[str, dict]) -> None:
@@ -293,12 +258,8 @@ def main() -> None:
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
         sys.exit(f"error: unknown run(s) {', '.join(unknown)} (choose from {', '.join(RUNS)})")
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-dpo-")
-        args.workdir = tmp.name
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    work, tmp = work_folder(args.workdir, "bench-dpo-")
+    args.workdir = str(work)
     prepare_inputs(args, work)
     best: dict[str, dict] = {}
     for round_ in range(args.rounds):

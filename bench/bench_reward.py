@@ -7,7 +7,7 @@ per step, the same length limit, precision, optimizer (fused AdamW, no weight de
 gradient checkpointing, and for `--method lora` the same LoRA (rank, alpha, no dropout, every linear
 layer of the trunk; the head trained in full). TRL is handed the exact token ids our reward task trains
 on (`chosen_ids`/`rejected_ids`: prompt + response through our chat template and length limits), so every
-step of both sees the same rows and the same padded length.
+step of both sees the same rows, padded to the batch's longest (on GPU ours rounds that up to a multiple of 8).
 
 The pairs are synthetic with controlled lengths: slices of the demo corpus's token stream (a prompt of
 `--max-prompt-len`/2 to `--max-prompt-len` tokens, responses filling 1/2 to all of what remains of
@@ -16,10 +16,14 @@ The pairs are synthetic with controlled lengths: slices of the demo corpus's tok
 Each contender runs in its own process (so its peak memory is its own), `--rounds` times, alternating
 which goes first. Step time is the median over the timed steps (after `--warmup`) of the time from one
 step to the next (ours: the loop's pair loader is wrapped and read at every batch request; TRL: a
-callback at every step end). Reported per contender: median [min-max] over rounds of step time, pairs/s,
-peak memory (CPU: peak resident set above the post-import baseline; GPU: `max_memory_allocated`) and the
-whole process's run time; and per round the ratios ours/TRL, as median [min-max]. The 1-minute load
-average is sampled during every run. A contender that fails stops the bench with a non-zero exit.
+callback at every step end), read on two clocks: wall time, and the process's CPU time, which other
+processes' load on a shared machine does not inflate (compare CPU times with `--threads 1`). Reported
+per contender: median [min-max] over rounds of step time and pairs/s on both clocks; peak memory (CPU:
+peak resident set above the post-import baseline; GPU: `max_memory_allocated`) by the end of the timed
+steps and over the whole run (ours also saves a checkpoint and exports model/ after training, TRL saves
+nothing); the whole run's time; and per round the ratios ours/TRL, as median [min-max]. The 1-minute
+load average is sampled every 2 s during every run. A contender that fails stops the bench with a
+non-zero exit. `--json PATH` writes every figure.
 
     python bench/bench_reward.py --threads 1 --rounds 3                 # full tuning, CPU fp32
     python bench/bench_reward.py --threads 1 --rounds 3 --method lora
@@ -31,7 +35,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +52,7 @@ from bench.common import (  # noqa: E402
     rss_bytes,
     run_worker,
     spread,
+    work_folder,
 )
 
 CONTENDERS = ("ours", "trl")
@@ -56,14 +60,15 @@ TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj")
 # Flags a worker needs, forwarded from the driver.
 WORKER_FLAGS = ("method", "preset", "vocab_size", "batch_pairs", "seq_len", "max_prompt_len", "lora_r", "warmup",
-                "steps", "precision", "threads", "timer", "lr")
+                "steps", "precision", "threads", "lr")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=("full", "lora"), default="full")
     p.add_argument("--preset", default="debug", help="model_defs preset for the model's shape (vocab: the tokenizer's)")
-    p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer size")
+    p.add_argument("--vocab-size", type=int, default=2048,
+                   help="tokenizer to train (the demo corpus fills about 980); the model takes the tokenizer's size")
     p.add_argument("--batch-pairs", type=int, default=8, help="preference pairs per step (2x rows per forward)")
     p.add_argument("--seq-len", type=int, default=256, help="longest prompt + response (data.seq_len, TRL max_length)")
     p.add_argument("--max-prompt-len", type=int, default=128)
@@ -71,15 +76,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pairs written (default: enough for every step, so no epoch wraps)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r), --method lora")
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
-    p.add_argument("--steps", type=int, default=12, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per run (at least 1)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per run")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; figures are median [min-max] over them")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
-    p.add_argument("--timer", choices=("wall", "cpu"), default="wall",
-                   help="wall clock, or the run's process CPU time (steady on a busy machine with --threads 1)")
+    p.add_argument("--exact-memory", action="store_true",
+                   help="CPU: run the workers with MALLOC_MMAP_THRESHOLD_=65536, so glibc maps every allocation over "
+                        "64 KiB and unmaps it when freed: peak RSS then follows live memory instead of what the heap "
+                        "keeps, but every step pays page faults (use it for the memory figures, not the times)")
     p.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--workdir", default=None, help="keep inputs and run folders here (default: a temp folder)")
@@ -87,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_prompt_len >= args.seq_len:
         p.error("--max-prompt-len must be below --seq-len")
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1 (TRL's first step has no reading before it)")
     if args.pairs is None:
         args.pairs = (args.warmup + args.steps + 1) * args.batch_pairs
     return args
@@ -187,18 +196,18 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
 
     out = work / "runs" / "ours"
     shutil.rmtree(out, ignore_errors=True)
-    marks: list[float] = []
+    marks: list[tuple[float, float, float]] = []
+    baseline = rss_bytes()
     # Replaced where the task looks it up.
-    reward_task.PairLoader = clocked(reward_task.PairLoader, marks, make_clock(args.timer))
+    reward_task.PairLoader = clocked(reward_task.PairLoader, marks, step_clock(baseline))
     # One step more than TRL: its last interval needs the next batch request to close it (untimed).
     cfg = load_config(None, reward_overrides(args, work, out, args.warmup + args.steps + 1), schema=RewardConfig)
-    baseline = rss_bytes()
     start = time.perf_counter()
     reward_task.run_reward(cfg)
     total = time.perf_counter() - start
     # Readings at batch requests: interval k is step k + 1, so steps warmup+1 .. warmup+steps are kept.
-    steps = [b - a for a, b in zip(marks, marks[1:])][args.warmup:args.warmup + args.steps]
-    return {"steps_s": steps, "peak_bytes": peak_bytes(baseline), "total_s": total}
+    return {**step_times(marks, args.warmup, args.steps), "peak_bytes": peak_bytes(baseline),
+            "total_s": total}
 
 
 def run_trl(args: argparse.Namespace, work: Path) -> dict:
@@ -216,14 +225,14 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict:
     dataset = Dataset.from_list([json.loads(line) for line in (work / "trl_pairs.jsonl").read_text().splitlines()])
     cuda = torch.cuda.is_available()
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
-    marks: list[float] = []
-    now = make_clock(args.timer)
+    marks: list[tuple[float, float, float]] = []
+    baseline = rss_bytes()
+    now = step_clock(baseline)
 
     class StepClock(TrainerCallback):
         def on_step_end(self, *_, **__):
             marks.append(now())
 
-    baseline = rss_bytes()
     start = time.perf_counter()
     model = AutoModelForSequenceClassification.from_pretrained(str(work / "base"), dtype=torch.float32,
                                                                attn_implementation="sdpa")
@@ -242,9 +251,27 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict:
         raise RuntimeError(f"TRL kept {len(trainer.train_dataset)} of {inputs['pairs']} pairs")
     trainer.train()
     total = time.perf_counter() - start
-    # Readings at step ends: the first interval is step 2, so dropping warmup - 1 keeps steps warmup+1 onwards.
-    steps = [b - a for a, b in zip(marks, marks[1:])][max(args.warmup - 1, 0):]
-    return {"steps_s": steps, "peak_bytes": peak_bytes(baseline), "total_s": total}
+    # Readings at step ends: interval k is step k + 2, so skipping warmup - 1 keeps steps warmup+1 onwards.
+    return {**step_times(marks, args.warmup - 1, args.steps), "peak_bytes": peak_bytes(baseline),
+            "total_s": total}
+
+
+def step_clock(baseline: int):
+    """A reading at each step boundary: (wall s, process CPU s, peak memory so far as `peak_bytes` gives it)."""
+    clock = make_clock("both")
+    return lambda: (*clock(), peak_bytes(baseline))
+
+
+def step_times(marks: list[tuple[float, float, float]], skip: int, steps: int) -> dict:
+    """Per-step wall and CPU seconds of `steps` steps after the first `skip` intervals between `step_clock`
+    readings, their medians, and the peak memory by the end of the last timed step: below the run's peak
+    when that falls after training (saving, export), not in the steps."""
+    pairs = list(zip(marks, marks[1:]))[skip:skip + steps]
+    if len(pairs) != steps:
+        raise RuntimeError(f"{len(marks)} step readings give {len(pairs)} timed steps, not {steps}")
+    wall, cpu = [b[0] - a[0] for a, b in pairs], [b[1] - a[1] for a, b in pairs]
+    return {"steps_s": wall, "cpu_steps_s": cpu, "step_s": statistics.median(wall),
+            "cpu_step_s": statistics.median(cpu), "peak_by_last_step_bytes": pairs[-1][1][2]}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -261,7 +288,6 @@ def worker(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     work = Path(args.workdir)
     result = run_ours(args, work) if args.worker == "ours" else run_trl(args, work)
-    result["step_s"] = statistics.median(result["steps_s"])
     emit_result({"run": args.worker, "threads": torch.get_num_threads(), **result})
 
 
@@ -275,6 +301,8 @@ def spawn(args: argparse.Namespace, name: str) -> dict:
         if value is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(value)]
     env = {"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}
+    if args.exact_memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     with LoadSampler() as load:
         result = run_worker(cmd, name, cwd=REPO_ROOT, env=env)
     return {**result, "load": load.summary()}
@@ -285,15 +313,23 @@ def summarize(args: argparse.Namespace, rounds: list[dict[str, dict]]) -> dict:
     for name in args.only:
         runs = [r[name] for r in rounds]
         per[name] = {"step_s": spread([r["step_s"] for r in runs]),
+                     "cpu_step_s": spread([r["cpu_step_s"] for r in runs]),
                      "pairs_per_s": spread([args.batch_pairs / r["step_s"] for r in runs]),
+                     "cpu_pairs_per_s": spread([args.batch_pairs / r["cpu_step_s"] for r in runs]),
                      "peak_bytes": spread([r["peak_bytes"] for r in runs]),
+                     "train_peak_bytes": spread([r["peak_by_last_step_bytes"] for r in runs]),
                      "total_s": spread([r["total_s"] for r in runs]),
                      "load1": spread([r["load"]["load1_median"] for r in runs]),
                      "load1_max": max(r["load"]["load1_max"] for r in runs)}
     ratios = {}
     if set(CONTENDERS) <= set(args.only):
-        ratios = {"throughput": spread([r["trl"]["step_s"] / r["ours"]["step_s"] for r in rounds]),
-                  "peak_memory": spread([r["ours"]["peak_bytes"] / r["trl"]["peak_bytes"] for r in rounds])}
+        def ratio(key: str, top: str, bottom: str) -> dict:
+            return spread([r[top][key] / r[bottom][key] for r in rounds])
+
+        # Throughput is the inverse of step time: TRL's step over ours.
+        ratios = {"throughput": ratio("step_s", "trl", "ours"), "cpu_throughput": ratio("cpu_step_s", "trl", "ours"),
+                  "peak_memory": ratio("peak_bytes", "ours", "trl"),
+                  "train_peak_memory": ratio("peak_by_last_step_bytes", "ours", "trl")}
     return {"contenders": per, "ratios_ours_over_trl": ratios}
 
 
@@ -308,25 +344,31 @@ def report(args: argparse.Namespace, inputs: dict, summary: dict) -> None:
     precision = args.precision if args.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {args.threads or 'all'} thread(s)"
     method = f"LoRA r={args.lora_r}" if args.method == "lora" else "full"
-    table = Table(title=escape(f"Reward model step ({method}), {args.preset} {inputs['params'] / 1e6:.1f}M params, "
-                        f"{args.batch_pairs} pairs/step, seq <= {args.seq_len} "
-                        f"({inputs['real_tokens_per_step']:.0f} real / {inputs['padded_tokens_per_step']:.0f} padded "
-                        f"tokens per step), {precision}, {where}, {args.timer} time; "
-                        f"median [min-max] over {args.rounds} rounds"))
-    for col in ("contender", "step ms", "pairs/s", "peak MiB", "whole run s", "load (1 min)"):
+    table = Table(title=escape(
+        f"Reward model step ({method}), {args.preset} {inputs['params'] / 1e6:.1f}M params, {args.batch_pairs} "
+        f"pairs/step, seq <= {args.seq_len} ({inputs['real_tokens_per_step']:.0f} real / "
+        f"{inputs['padded_tokens_per_step']:.0f} padded tokens per step), {precision}, {where}"
+        f"{', glibc mmap threshold 64 KiB (--exact-memory)' if args.exact_memory else ''}; "
+        f"median [min-max] over {args.rounds} rounds of {args.steps} timed steps"))
+    for col in ("contender", "step ms (wall)", "step ms (CPU)", "pairs/s (wall)", "pairs/s (CPU)",
+                "peak MiB (steps)", "peak MiB (run)", "whole run s", "load (1 min)"):
         table.add_column(col, justify="right")
     labels = {"ours": "ours (reward task)", "trl": "TRL RewardTrainer"}
     for name, s in summary["contenders"].items():
-        table.add_row(labels[name], fmt_spread(s["step_s"], 1000), fmt_spread(s["pairs_per_s"]),
-                      fmt_spread(s["peak_bytes"], 2**-20, 0), fmt_spread(s["total_s"]),
+        table.add_row(labels[name], fmt_spread(s["step_s"], 1000, 0), fmt_spread(s["cpu_step_s"], 1000, 0),
+                      fmt_spread(s["pairs_per_s"], digits=2), fmt_spread(s["cpu_pairs_per_s"], digits=2),
+                      fmt_spread(s["train_peak_bytes"], 2**-20, 0), fmt_spread(s["peak_bytes"], 2**-20, 0),
+                      fmt_spread(s["total_s"]),
                       fmt_spread(s["load1"], digits=2) + f", max {s['load1_max']:.2f}")
     console = Console(width=200)
     console.print(table)
     ratios = summary["ratios_ours_over_trl"]
     if ratios:
-        console.print(escape(f"ours/TRL throughput (pairs/s): {fmt_spread(ratios['throughput'], digits=2, suffix='x')}   "
-                      f"ours/TRL peak memory: {fmt_spread(ratios['peak_memory'], digits=2, suffix='x')}   "
-                      f"(per round, median [min-max]; goal: throughput >= 1.5x)"))
+        x = lambda key: fmt_spread(ratios[key], digits=2, suffix="x")  # noqa: E731
+        console.print(escape(f"ours/TRL, per round, median [min-max]: throughput (wall) {x('throughput')}, "
+                             f"throughput (CPU time) {x('cpu_throughput')}, peak memory in the steps "
+                             f"{x('train_peak_memory')}, over the whole run {x('peak_memory')}; "
+                             "goal: throughput >= 1.5x"))
 
 
 def main() -> None:
@@ -334,12 +376,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-reward-")
-        args.workdir = tmp.name
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    work, tmp = work_folder(args.workdir, "bench-reward-")
+    args.workdir = str(work)
     inputs = prepare_inputs(args, work)
     print(f"inputs: {json.dumps(inputs)}", flush=True)
     rounds: list[dict[str, dict]] = []
@@ -351,7 +389,8 @@ def main() -> None:
             except RuntimeError as err:
                 sys.exit(f"error: {err}")
             rounds[-1][name] = result
-            print(f"round {round_ + 1} {name}: {1000 * result['step_s']:.1f} ms/step, "
+            print(f"round {round_ + 1} {name}: {1000 * result['step_s']:.0f} ms/step wall, "
+                  f"{1000 * result['cpu_step_s']:.0f} ms/step CPU, "
                   f"peak {result['peak_bytes'] / 2**20:.0f} MiB, load {result['load']['load1_median']:.2f}",
                   flush=True)
     summary = summarize(args, rounds)

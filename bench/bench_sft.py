@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import emit_result, run_worker  # noqa: E402
+
 CONTENDERS = ("ours_packed", "ours_padded", "trl_padded", "trl_packed")
 
 
@@ -192,10 +193,24 @@ def worker(args: argparse.Namespace) -> None:
     runner = run_ours if name.startswith("ours") else run_trl
     result = runner(args, work, packing=name.endswith("packed"))
     result["peak_mem_gb"] = peak_memory_gb(args.device)
-    print("RESULT " + json.dumps(result))
+    emit_result(result)
 
 
 # ----------------------------------------------------------------------------- driver
+
+
+def without_only(argv: list[str]) -> list[str]:
+    """The command line minus `--only` and its values (each worker is told its own contender)."""
+    out, dropping = [], False
+    for arg in argv:
+        if arg == "--only" or arg.startswith("--only="):
+            dropping = arg == "--only"
+            continue
+        if dropping and not arg.startswith("-"):
+            continue
+        dropping = False
+        out.append(arg)
+    return out
 
 
 def main() -> None:
@@ -210,17 +225,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_sft-") as tmp:
         work = Path(tmp)
         prepare(args, work)
-        results = {}
-        forwarded = [a for a in sys.argv[1:] if not a.startswith("--only")]
+        results, failed = {}, []
+        forwarded = without_only(sys.argv[1:])
         for name in args.only:
             cmd = [sys.executable, __file__, *forwarded, "--worker", name, "--workdir", str(work)]
-            env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                console.print(f"[red]{name} failed[/red]\n{proc.stderr[-3000:]}")
+            try:
+                results[name] = run_worker(cmd, name, cwd=REPO)
+            except RuntimeError as err:
+                console.print(f"[red]{name} failed[/red]")
+                print(err)
+                failed.append(name)
                 continue
-            results[name] = json.loads(line.removeprefix("RESULT "))
             console.print(f"{name}: {results[name]}")
 
     table = Table(title=f"LoRA SFT, dim {args.dim} x {args.layers} layers, seq {args.seq_len}, "
@@ -237,6 +252,8 @@ def main() -> None:
                       ratio(ref_pad, "peak_mem_gb"))
     console.print(table)
     print(json.dumps(results))
+    if failed:
+        sys.exit(f"error: {', '.join(failed)} failed")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import os
 import resource
 import statistics
 import subprocess
-import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -39,13 +39,15 @@ def peak_bytes(baseline: int) -> float:
 
 
 def make_clock(timer: str = "wall"):
-    """A function returning seconds: wall clock (`perf_counter`) or this process's CPU time (`timer="cpu"`),
-    after waiting for queued GPU work."""
+    """A function returning seconds after waiting for queued GPU work: wall clock (`perf_counter`), this
+    process's CPU time (`timer="cpu"`, all its threads), or both as a (wall, cpu) pair (`timer="both"`)."""
     import torch
 
-    def now() -> float:
+    def now():
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        if timer == "both":
+            return time.perf_counter(), time.process_time()
         return time.process_time() if timer == "cpu" else time.perf_counter()
     return now
 
@@ -68,10 +70,21 @@ def emit_result(result: dict) -> None:
 # ----------------------------------------------------------------------------- in the driver
 
 
+def work_folder(workdir: str | None, prefix: str) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """`workdir`, created if missing; without one a fresh temporary folder and its handle (to clean up)."""
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        workdir = tmp.name
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    return work, tmp
+
+
 def run_worker(cmd: Sequence[str], name: str, cwd: str | Path, env: dict[str, str] | None = None) -> dict:
     """Run one contender's child process; its RESULT dict, or RuntimeError with the end of its output."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, check=False)
     found = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode != 0 or not found:
         raise RuntimeError(f"run '{name}' failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
@@ -116,7 +129,3 @@ def fmt_spread(s: dict, scale: float = 1.0, digits: int = 1, suffix: str = "") -
     """'median [min-max]' of a `spread` dict, each times `scale`."""
     f = lambda v: f"{v * scale:.{digits}f}{suffix}"  # noqa: E731
     return f"{f(s['median'])} [{f(s['min'])}-{f(s['max'])}]"
-
-
-def python_cmd(script: str | Path, *args: str) -> list[str]:
-    return [sys.executable, str(script), *args]
