@@ -312,6 +312,15 @@ class PreferenceData:
     train_report: PairReport
     val_report: PairReport | None
 
+    def report_lines(self, section: str) -> list[str]:
+        """What was read, as a pairwise task prints it under its banner."""
+        lines = [f"train pairs: {self.train_report.summary()}"]
+        if self.val_report is not None:
+            lines.append(f"val pairs: {self.val_report.summary()}")
+        elif self.val:
+            lines.append(f"val pairs: {len(self.val)} held out of the train files ({section}.val_fraction)")
+        return lines
+
 
 def load_preference_data(d, tokenizer, *, seq_len: int, seed: int, section: str) -> PreferenceData:
     """Train and validation token pairs of a pair-data section (`dpo`, `reward`, ...); without `val_files`,

@@ -76,11 +76,7 @@ def load_dpo_data(cfg: DPOConfig) -> TaskData:
     d = cfg.dpo
     tokenizer = load_chat_tokenizer(cfg, d.chat_template)
     data = load_preference_data(d, tokenizer, seq_len=cfg.data.seq_len, seed=cfg.train.seed, section="dpo")
-    report = [f"train pairs: {data.train_report.summary()}"]
-    if data.val_report is not None:
-        report.append(f"val pairs: {data.val_report.summary()}")
-    elif data.val:
-        report.append(f"val pairs: {len(data.val)} held out of the train files (dpo.val_fraction)")
+    report = data.report_lines("dpo")
     banner = (f"loss {d.loss} | reference {d.resolved_reference()} | "
               f"chat template {template_name(tokenizer) or 'the tokenizer own'}")
     return TaskData(payload=data, tokenizer=tokenizer, report=report, banner=banner)

@@ -30,11 +30,7 @@ def load_reward_data(cfg: RewardConfig) -> TaskData:
     r = cfg.reward
     tokenizer = load_chat_tokenizer(cfg, r.chat_template)
     data = load_preference_data(r, tokenizer, seq_len=cfg.data.seq_len, seed=cfg.train.seed, section="reward")
-    report = [f"train pairs: {data.train_report.summary()}"]
-    if data.val_report is not None:
-        report.append(f"val pairs: {data.val_report.summary()}")
-    elif data.val:
-        report.append(f"val pairs: {len(data.val)} held out of the train files (reward.val_fraction)")
+    report = data.report_lines("reward")
     banner = f"Bradley-Terry | chat template {template_name(tokenizer) or 'the tokenizer own'}"
     return TaskData(payload=data, tokenizer=tokenizer, report=report, banner=banner)
 
