@@ -11,10 +11,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 # Two cores are shared by every test process; oversubscription slows multi-rank tests badly.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist each worker already holds a core, so a worker computes on one thread.
+IN_XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+torch.set_num_threads(1 if IN_XDIST_WORKER else max(1, min(2, os.cpu_count() or 1)))
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        # `--dist loadgroup` then keeps a module on one worker (its module fixtures are built once)
+        # and every Slurm test on one worker, since they share one session-wide cluster.
+        group = "slurm" if "slurm" in item.keywords else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
