@@ -33,7 +33,8 @@ class ModelSection(Section):
 
     preset: Optional[str] = Field("tiny", description="named shape from model_defs.PRESETS")
     init_from: Optional[str] = Field(
-        None, description="HF Llama folder or one of our exported models to start from; None = random init"
+        None, description="HF Llama/Qwen2/Mistral folder, Hub id (owner/name) or one of our checkpoints or run "
+                    "folders to start from; None = random init"
     )
 
     @model_validator(mode="after")
