@@ -150,4 +150,4 @@ def save_run_outputs(method: str, result, out_dir: str | Path, tokenizer=None) -
         return
     saved = save_adapters(accelerator, result.model, out_dir, tokenizer=tokenizer)
     if saved is not None:
-        accelerator.print(f"adapter saved to {saved[0]} (HF Llama names: {saved[1]})")
+        accelerator.print(f"adapter saved to {saved[0]} (HF module names: {saved[1]})")
