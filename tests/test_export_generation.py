@@ -78,10 +78,12 @@ def hub_cache(root, repo_id: str, folder) -> None:
 
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
+    import datasets
     from huggingface_hub import constants
 
     cache = tmp_path / "hub"
     cache.mkdir()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -104,3 +106,31 @@ def test_a_hub_id_loads_from_the_cache_offline(tmp_path, tokenizer_dir, offline_
     assert resolve("acme/tiny-qwen").tokenizer.parent.name == "snapshots"
     with pytest.raises(FileNotFoundError, match="acme/missing: not a local path.*HF_HUB_OFFLINE=1"):
         load_model("acme/missing")
+
+
+def test_a_hub_dataset_split_is_read_offline_by_name_config_and_split(tmp_path, offline_hub):
+    from trainer.dpo.precompute import files_fingerprint
+    from trainer.sft.data import iter_rows
+
+    repo = offline_hub / "datasets--acme--chats"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    for config, split, n in (("en", "train", 3), ("en", "test", 1), ("de", "train", 2)):
+        (snapshot / config).mkdir(parents=True, exist_ok=True)
+        (snapshot / config / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"prompt": f"{config} {split} {i}", "completion": "ok"}) + "\n" for i in range(n)))
+    (snapshot / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: en\n  data_files:\n  - {split: train, path: en/train.jsonl}\n  - {split: test, path: en/test.jsonl}\n"
+        "- config_name: de\n  data_files:\n  - {split: train, path: de/train.jsonl}\n---\n")
+
+    rows = [row["prompt"] for _, row in iter_rows("acme/chats:en")]
+    assert rows == ["en train 0", "en train 1", "en train 2"]
+    assert [row["prompt"] for _, row in iter_rows("acme/chats:en@test")] == ["en test 0"]
+    assert [where for where, _ in iter_rows("acme/chats:de")] == ["acme/chats:de:row 1", "acme/chats:de:row 2"]
+    assert files_fingerprint(["acme/chats:en"]) != files_fingerprint(["acme/chats:de"])
+    with pytest.raises(ValueError, match="acme/chats:en@dev"):
+        list(iter_rows("acme/chats:en@dev"))
+    with pytest.raises(FileNotFoundError, match="acme/absent: no such file.*HF_HUB_OFFLINE=1"):
+        list(iter_rows("acme/absent"))
