@@ -125,6 +125,12 @@ class ModelConfig:
             out.append(f"init_std={self.init_std} must be > 0")
         if self.family not in FAMILIES:
             out.append(f"family={self.family!r} is not one of {FAMILIES}")
+        # Each family's HF architecture fixes these, so an export can always be loaded by it.
+        elif self.qkv_bias != (self.family == "qwen2"):
+            out.append(f"qkv_bias={self.qkv_bias} does not fit family={self.family!r} (q/k/v biases are qwen2's, "
+                       "and always on there)")
+        if self.sliding_window is not None and self.family != "mistral":
+            out.append(f"sliding_window={self.sliding_window} needs family='mistral' (or None)")
         if self.sliding_window is not None and (
                 not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool)
                 or self.sliding_window <= 0):

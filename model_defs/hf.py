@@ -138,12 +138,6 @@ def config_to_hf(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
 
     RoPE is written as `rope_theta` + `rope_scaling`, which both transformers 4.x and 5.x read.
     """
-    if cfg.qkv_bias != (cfg.family == "qwen2"):
-        raise ValueError(f"qkv_bias={cfg.qkv_bias} has no {ARCHITECTURES[cfg.family]} equivalent "
-                         "(q/k/v biases are Qwen2's alone)")
-    if cfg.sliding_window is not None and cfg.family != "mistral":
-        raise ValueError(f"sliding_window={cfg.sliding_window} has no {ARCHITECTURES[cfg.family]} equivalent "
-                         "(export it as family 'mistral')")
     d = {
         "architectures": [ARCHITECTURES[cfg.family]],
         "model_type": cfg.family,

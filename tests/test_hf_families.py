@@ -129,10 +129,34 @@ def test_presets_have_the_published_shapes():
         ModelConfig.from_preset(name)
 
 
-def test_qwen2_per_layer_windows_are_refused():
+def test_qwen2_per_layer_windows_and_flags_outside_their_family_are_refused():
     config = hf_qwen2().config.to_dict() | {"use_sliding_window": True, "sliding_window": 8}
     with pytest.raises(ValueError, match="use_sliding_window"):
         config_from_hf(config)
-    with pytest.raises(ValueError, match="q/k/v biases"):
-        save_hf_model(Transformer(ModelConfig.from_preset("tiny", qkv_bias=True)),
-                      ModelConfig.from_preset("tiny", qkv_bias=True), "/nonexistent/never-written")
+    with pytest.raises(ValueError, match="qkv_bias=True does not fit family='llama'"):
+        ModelConfig.from_preset("tiny", qkv_bias=True)
+    with pytest.raises(ValueError, match="qkv_bias=False does not fit family='qwen2'"):
+        ModelConfig.from_preset("tiny", family="qwen2")
+    with pytest.raises(ValueError, match="sliding_window=8 needs family='mistral'"):
+        ModelConfig.from_preset("tiny", sliding_window=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True])
+def test_flash_attn_window_equals_the_sdpa_band(packed):
+    """flash_attn's window_size (dense and varlen) against the band mask SDPA gets, in bf16 on CUDA."""
+    from model_defs.attention import flash_attn_available
+
+    if not flash_attn_available():
+        pytest.skip("flash_attn is not installed")
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", family="mistral", sliding_window=7, vocab_size=256)
+    model = Transformer(cfg).to("cuda", torch.bfloat16).eval()
+    x = torch.randint(0, 256, (2, 48), device="cuda")
+    document_ids = (torch.arange(48, device="cuda") >= 20).long().expand(2, 48) if packed else None
+    with torch.no_grad():
+        model.cfg.attention = "sdpa"
+        expected = model(x, document_ids=document_ids).float()
+        model.cfg.attention = "flash_attn"
+        got = model(x, document_ids=document_ids).float()
+    torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)

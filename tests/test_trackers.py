@@ -1,5 +1,5 @@
 """Experiment trackers through Accelerate: the same global figures in metrics.jsonl, tensorboard and MLflow
-(a file store in the run folder, offline)."""
+(a file store in the run folder, offline); quiet output unless --verbose."""
 from __future__ import annotations
 
 import pytest
@@ -52,3 +52,24 @@ def test_unknown_or_missing_trackers_are_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match="aim is not installed"):
         load_config(None, ["train.report_to=[tensorboard, aim]"])
     assert load_config(None, ["logging.tensorboard=false"]).trackers() == []
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_quiet_by_default_and_verbose_shows_warnings(monkeypatch, verbose):
+    import os
+    import warnings
+
+    import torch
+    import transformers
+
+    from trainer.quiet import set_verbosity
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    before = transformers.logging.get_verbosity()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        set_verbosity(verbose)
+        warnings.warn("deprecated soon", FutureWarning)
+    transformers.logging.set_verbosity(before)
+    assert [str(w.message) for w in caught] == ([] if not verbose else ["deprecated soon"])
+    assert ("DS_ACCELERATOR" in os.environ) == (not verbose and not torch.cuda.is_available())
