@@ -1,4 +1,4 @@
-"""Export a training checkpoint (ZeRO shards or plain) as an HF Llama folder that transformers loads.
+"""Export a training checkpoint (ZeRO shards or plain) as an HF Llama/Qwen2/Mistral folder for transformers.
 
     python launch/export_hf.py runs/demo/pretrain/checkpoints/step_00000300 exported/demo [--dtype bf16]
     python launch/export_hf.py --adapter runs/demo/sft/adapter exported/demo-sft   # merge a LoRA into its base

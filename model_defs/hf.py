@@ -47,7 +47,8 @@ _SUPPORTED_ROPE_TYPES = ("default", *ROPE_SCALING_KEYS)
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
-_SAVED_FILE = re.compile(r"(generation_)?config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+_SAVED_FILE = re.compile(
+    r"(generation_)?config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 # Loaded by hf_classifier.py; named here so load_hf_model can turn such a folder away.
 CLASSIFIER_ARCHITECTURE = "LlamaForSequenceClassification"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}

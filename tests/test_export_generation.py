@@ -122,7 +122,8 @@ def test_a_hub_dataset_split_is_read_offline_by_name_config_and_split(tmp_path, 
             "".join(json.dumps({"prompt": f"{config} {split} {i}", "completion": "ok"}) + "\n" for i in range(n)))
     (snapshot / "README.md").write_text(
         "---\nconfigs:\n"
-        "- config_name: en\n  data_files:\n  - {split: train, path: en/train.jsonl}\n  - {split: test, path: en/test.jsonl}\n"
+        "- config_name: en\n  data_files:\n"
+        "  - {split: train, path: en/train.jsonl}\n  - {split: test, path: en/test.jsonl}\n"
         "- config_name: de\n  data_files:\n  - {split: train, path: de/train.jsonl}\n---\n")
 
     rows = [row["prompt"] for _, row in iter_rows("acme/chats:en")]
