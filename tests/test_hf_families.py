@@ -112,9 +112,9 @@ def test_kv_cache_generation_matches_transformers(family):
     width = max(map(len, prompts))
     input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    got = generate(ours, input_ids, attention_mask=attention_mask, max_new_tokens=20, pad_token_id=0)
+    got = generate(ours, input_ids, attention_mask=attention_mask, max_new_tokens=12, pad_token_id=0)
     for prompt, row in zip(prompts, got):
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=0,
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0,
                           eos_token_id=None)
         assert row[width:].tolist() == out[0, len(prompt):].tolist()
 
