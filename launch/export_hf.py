@@ -1,4 +1,4 @@
-"""Export a training checkpoint (ZeRO shards or plain) as an HF Llama folder that transformers loads.
+"""Export a training checkpoint (ZeRO shards or plain) as an HF Llama/Qwen2/Mistral folder for transformers.
 
     python launch/export_hf.py runs/demo/pretrain/checkpoints/step_00000300 exported/demo [--dtype bf16]
     python launch/export_hf.py --adapter runs/demo/sft/adapter exported/demo-sft   # merge a LoRA into its base
@@ -30,7 +30,11 @@ def main() -> int:
                                             "or the adapter's tokenizer)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: fp32)")
     parser.add_argument("--max-shard-size", default=None, help='split safetensors, e.g. "2GB"')
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' warnings (hidden by default)")
     args = parser.parse_args()
+    from trainer.quiet import set_verbosity
+
+    set_verbosity(args.verbose)
     if not args.overwrite and is_occupied(args.out):
         parser.error(f"{args.out}: already exists and is not empty (pass --overwrite to replace it)")
     if args.adapter:

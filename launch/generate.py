@@ -102,7 +102,11 @@ def main() -> int:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write {prompt, response} rows to this JSONL file")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' warnings (hidden by default)")
     args = parser.parse_args()
+    from trainer.quiet import set_verbosity
+
+    set_verbosity(args.verbose)
 
     from model_defs.generate import generate
     from trainer.chat import ensure_chat_template, stop_token_ids

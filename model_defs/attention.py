@@ -8,6 +8,7 @@ Backends:
               become varlen segments via `cu_seqlens`.
   auto        flash_attn on CUDA when the package imports, else sdpa.
 Packed documents never attend across a boundary: sdpa/eager get a block-diagonal causal mask.
+A sliding window (Mistral) is a band in that mask, and flash_attn's `window_size` (dense and varlen).
 Generation passes an explicit padding + cache mask; that always runs through sdpa (or eager).
 """
 from __future__ import annotations
@@ -49,11 +50,20 @@ class AttentionLayout:
 
     mask: bool (B, 1, Tq, Tk), True = may attend; None means plain causal over the row.
     cu_seqlens / max_seqlen: document segments over the flattened (B*T) tokens, for flash varlen.
+    window: flash_attn only (the mask carries it elsewhere): a query sees at most this many keys, itself included.
     """
 
     mask: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
+    window: int | None = None
+
+
+def window_band(Tq: int, Tk: int, past: int, window: int, device: torch.device) -> torch.Tensor:
+    """(Tq, Tk) bool, True where key j is among the `window` latest keys of query i (at position past + i)."""
+    q = torch.arange(past, past + Tq, device=device)[:, None]
+    k = torch.arange(Tk, device=device)[None, :]
+    return (k <= q) & (q - k < window)
 
 
 def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
@@ -122,11 +132,14 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionL
         raise ValueError(f"attention='flash_attn' needs fp16/bf16 activations, got {q.dtype}; "
                          "use autocast or a half-precision model, or attention='sdpa'")
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D)
+    # flash_attn's window counts keys left of the query; ours counts the query too.
+    window_size = (-1, -1) if layout.window is None else (layout.window - 1, 0)
     if layout.cu_seqlens is None:
-        return flash_attn_func(q, k, v, causal=True)
+        return flash_attn_func(q, k, v, causal=True, window_size=window_size)
     B, T = q.shape[:2]
     flat = [t.reshape(B * T, *t.shape[2:]) for t in (q, k, v)]  # (B*T, H, D)
     out = flash_attn_varlen_func(
-        *flat, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen, causal=True
+        *flat, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen, causal=True,
+        window_size=window_size,
     )
     return out.view(B, T, *out.shape[1:])

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attn", "auto")
+# HF architectures the decoder reproduces; each differs from Llama only by the flags below.
+FAMILIES = ("llama", "qwen2", "mistral")
 
 # Keys each HF rope type accepts (besides "rope_type"); the first tuple is required, the second optional.
 ROPE_SCALING_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -72,6 +74,12 @@ class ModelConfig:
     """Recompute each block in backward instead of storing its activations."""
     init_std: float = 0.02
     """Std of the normal init of every Linear and Embedding weight (as HF Llama's `initializer_range`)."""
+    family: str = "llama"
+    """HF architecture the weights export to: "llama" | "qwen2" | "mistral" (numerics come from the flags)."""
+    qkv_bias: bool = False
+    """Biases on the query/key/value projections (Qwen2)."""
+    sliding_window: int | None = None
+    """Each token attends to at most this many tokens, itself included (Mistral); None = full causal."""
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -115,6 +123,18 @@ class ModelConfig:
             out.append(f"rope_theta={self.rope_theta} must be > 0")
         if self.init_std <= 0:
             out.append(f"init_std={self.init_std} must be > 0")
+        if self.family not in FAMILIES:
+            out.append(f"family={self.family!r} is not one of {FAMILIES}")
+        # Each family's HF architecture fixes these, so an export can always be loaded by it.
+        elif self.qkv_bias != (self.family == "qwen2"):
+            out.append(f"qkv_bias={self.qkv_bias} does not fit family={self.family!r} (q/k/v biases are qwen2's, "
+                       "and always on there)")
+        if self.sliding_window is not None and self.family != "mistral":
+            out.append(f"sliding_window={self.sliding_window} needs family='mistral' (or None)")
+        if self.sliding_window is not None and (
+                not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool)
+                or self.sliding_window <= 0):
+            out.append(f"sliding_window={self.sliding_window!r} must be a positive int or None")
         out.extend(_rope_scaling_problems(self.rope_scaling))
         return out
 
@@ -162,6 +182,7 @@ def _rope_scaling_problems(rope_scaling: dict[str, Any] | None) -> list[str]:
 
 
 _LLAMA3_VOCAB = 128256
+_QWEN2_VOCAB = 151936
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Unit-test size: GQA, two blocks, runs in milliseconds on a CPU.
@@ -191,5 +212,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192},
         max_seq_len=131072, tie_embeddings=False,
+    ),
+    # Published shapes of Qwen/Qwen2.5-0.5B, -1.5B and -3B: q/k/v biases, tied embeddings, RoPE theta 1e6.
+    "qwen2.5-0.5b": dict(
+        family="qwen2", vocab_size=_QWEN2_VOCAB, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, ffn_dim=4864,
+        norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768, tie_embeddings=True, qkv_bias=True,
+    ),
+    "qwen2.5-1.5b": dict(
+        family="qwen2", vocab_size=_QWEN2_VOCAB, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, ffn_dim=8960,
+        norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768, tie_embeddings=True, qkv_bias=True,
+    ),
+    "qwen2.5-3b": dict(
+        family="qwen2", vocab_size=_QWEN2_VOCAB, dim=2048, n_layers=36, n_heads=16, n_kv_heads=2, ffn_dim=11008,
+        norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768, tie_embeddings=True, qkv_bias=True,
+    ),
+    # mistralai/Mistral-7B-v0.3 (full attention) and Mistral-7B-v0.1 (4096-token sliding window).
+    "mistral-7b": dict(
+        family="mistral", vocab_size=32768, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+        norm_eps=1e-5, rope_theta=1000000.0, max_seq_len=32768, tie_embeddings=False,
+    ),
+    "mistral-7b-v0.1": dict(
+        family="mistral", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+        norm_eps=1e-5, rope_theta=10000.0, max_seq_len=32768, tie_embeddings=False, sliding_window=4096,
     ),
 }

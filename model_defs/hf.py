@@ -1,6 +1,8 @@
-"""Conversion to and from Hugging Face `LlamaForCausalLM` checkpoints (config.json + safetensors).
+"""Conversion to and from Hugging Face causal-LM checkpoints (config.json + safetensors):
+`LlamaForCausalLM`, `Qwen2ForCausalLM` and `MistralForCausalLM`.
 
-The model keeps HF's rotate_half RoPE layout, so weights convert by renaming only.
+The three share one layout (Qwen2 adds q/k/v biases, Mistral a sliding window), and the model
+keeps HF's rotate_half RoPE layout, so weights convert by renaming only.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ _PER_LAYER = {
     "self_attn.k_proj.weight": "attention.wk.weight",
     "self_attn.v_proj.weight": "attention.wv.weight",
     "self_attn.o_proj.weight": "attention.wo.weight",
+    "self_attn.q_proj.bias": "attention.wq.bias",
+    "self_attn.k_proj.bias": "attention.wk.bias",
+    "self_attn.v_proj.bias": "attention.wv.bias",
     "mlp.gate_proj.weight": "feed_forward.w1.weight",
     "mlp.down_proj.weight": "feed_forward.w2.weight",
     "mlp.up_proj.weight": "feed_forward.w3.weight",
@@ -42,27 +47,38 @@ _SUPPORTED_ROPE_TYPES = ("default", *ROPE_SCALING_KEYS)
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
-_SAVED_FILE = re.compile(r"config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+_SAVED_FILE = re.compile(
+    r"(generation_)?config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 # Loaded by hf_classifier.py; named here so load_hf_model can turn such a folder away.
 CLASSIFIER_ARCHITECTURE = "LlamaForSequenceClassification"
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+_BIASES = tuple(k for k in _PER_LAYER if k.endswith(".bias"))
 
 
 # ----------------------------------------------------------------------------- config
 
 
 def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
-    """ModelConfig from an HF Llama config (a `config.json` dict or a `PretrainedConfig`).
+    """ModelConfig from an HF Llama, Qwen2 or Mistral config (a `config.json` dict or a `PretrainedConfig`).
 
-    Anything our model would compute differently (another architecture, biases, an unknown RoPE
-    type, a non-SiLU activation, an odd head_dim) is a ValueError naming the key.
+    Anything our model would compute differently (another architecture, Llama biases, per-layer
+    windows, an unknown RoPE type, a non-SiLU activation, an odd head_dim) is a ValueError naming the key.
     """
     d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
     model_type = d.get("model_type")
-    if model_type != "llama":
-        raise ValueError(f"config key model_type={model_type!r} is not supported (only 'llama' checkpoints)")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"config key model_type={model_type!r} is not supported "
+                         f"(supported: {', '.join(map(repr, ARCHITECTURES))})")
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if d.get(key, ok) != ok:
             raise ValueError(f"config key {key}={d[key]!r} is not supported (expected {ok!r})")
+    sliding_window = None
+    if model_type == "mistral":
+        sliding_window = d.get("sliding_window")
+    elif model_type == "qwen2" and d.get("use_sliding_window"):
+        # Qwen2 windows only the layers past max_window_layers; our blocks all attend alike.
+        raise ValueError(f"config key use_sliding_window={d['use_sliding_window']!r} is not supported "
+                         "(expected false)")
     if d.get("attention_dropout") or 0.0:
         raise ValueError(f"config key attention_dropout={d['attention_dropout']!r} is not supported (expected 0.0)")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
@@ -87,6 +103,9 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
         max_seq_len=d.get("max_position_embeddings", 2048),
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         init_std=d.get("initializer_range", 0.02),
+        family=model_type,
+        qkv_bias=model_type == "qwen2",
+        sliding_window=sliding_window,
     )
     fields.update(overrides)
     return ModelConfig(**fields)
@@ -116,13 +135,13 @@ def _rope_from_hf(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 
 
 def config_to_hf(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
-    """config.json contents for `LlamaForCausalLM`; `extra` adds keys such as bos/eos/pad_token_id.
+    """config.json contents for the family's `*ForCausalLM`; `extra` adds keys such as bos/eos/pad_token_id.
 
     RoPE is written as `rope_theta` + `rope_scaling`, which both transformers 4.x and 5.x read.
     """
     d = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHITECTURES[cfg.family]],
+        "model_type": cfg.family,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.ffn_dim,
@@ -136,15 +155,19 @@ def config_to_hf(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
         "rope_theta": cfg.rope_theta,
         "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "initializer_range": cfg.init_std,
         "use_cache": True,
         "bos_token_id": None,
         "eos_token_id": None,
         "pad_token_id": None,
     }
+    if cfg.family == "llama":
+        d.update(attention_bias=False, mlp_bias=False)
+    elif cfg.family == "qwen2":
+        d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+    else:
+        d.update(sliding_window=cfg.sliding_window)
     d.update(extra)
     return d
 
@@ -153,7 +176,7 @@ def config_to_hf(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
 
 
 def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename an HF Llama state dict to ours; unknown or missing keys are a ValueError naming them."""
+    """Rename an HF Llama/Qwen2/Mistral state dict to ours; unknown or missing keys are a ValueError naming them."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in hf_state_dict.items():
         if name.endswith(_IGNORED_HF_SUFFIXES):
@@ -164,8 +187,9 @@ def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig)
             out[_TOP_LEVEL[name]] = tensor
             continue
         m = _HF_LAYER_KEY.fullmatch(name)
-        if m is None or m.group(2) not in _PER_LAYER or int(m.group(1)) >= cfg.n_layers:
-            raise ValueError(f"unexpected weight {name!r} in an HF Llama checkpoint with {cfg.n_layers} layers")
+        if (m is None or m.group(2) not in _PER_LAYER or int(m.group(1)) >= cfg.n_layers
+                or (m.group(2) in _BIASES and not cfg.qkv_bias)):
+            raise ValueError(f"unexpected weight {name!r} in an HF {cfg.family} checkpoint with {cfg.n_layers} layers")
         out[f"layers.{m.group(1)}.{_PER_LAYER[m.group(2)]}"] = tensor
     if cfg.tie_embeddings and "tok_embeddings.weight" in out:
         out["output.weight"] = out["tok_embeddings.weight"]
@@ -179,7 +203,7 @@ def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig)
 
 
 def state_dict_to_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename our state dict to HF Llama names; a tied LM head is left out, as HF saves it."""
+    """Rename our state dict to HF names; a tied LM head is left out, as HF saves it."""
     ours_to_hf_top = {v: k for k, v in _TOP_LEVEL.items()}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
@@ -206,7 +230,8 @@ def _hf_layer_name(name: str) -> str:
 
 def _expected_keys(cfg: ModelConfig) -> set[str]:
     keys = {"tok_embeddings.weight", "norm.weight", "output.weight"}
-    keys |= {f"layers.{i}.{k}" for i in range(cfg.n_layers) for k in _PER_LAYER.values()}
+    per_layer = [v for k, v in _PER_LAYER.items() if cfg.qkv_bias or k not in _BIASES]
+    keys |= {f"layers.{i}.{k}" for i in range(cfg.n_layers) for k in per_layer}
     return keys
 
 
@@ -216,7 +241,7 @@ def _expected_keys(cfg: ModelConfig) -> set[str]:
 def load_hf_model(
     folder: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", **overrides: Any
 ) -> Transformer:
-    """A `Transformer` from a local HF Llama folder (config.json + single or sharded safetensors).
+    """A `Transformer` from a local HF Llama/Qwen2/Mistral folder (config.json + single or sharded safetensors).
 
     dtype None keeps the stored dtype. `overrides` set ModelConfig fields such as attention or
     activation_checkpointing.

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionLayout, attend, document_cu_seqlens, document_mask, resolve_backend
+from .attention import AttentionLayout, attend, document_cu_seqlens, document_mask, resolve_backend, window_band
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .rope import RotaryEmbedding, apply_rotary
@@ -35,9 +35,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(
@@ -113,13 +113,16 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
-        """HF Llama's init: every Linear/Embedding weight ~ N(0, init_std), norms at 1; rebuilds RoPE tables.
+        """HF Llama's init: every Linear/Embedding weight ~ N(0, init_std), biases and norms at 0 and 1;
+        rebuilds RoPE tables.
 
         No residual-scaled output projections, so a fresh model matches `LlamaForCausalLM`'s init.
         """
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         self.rope.reset_buffers(device=buffer_device)
@@ -151,9 +154,10 @@ class Transformer(nn.Module):
         backend = resolve_backend(self.cfg.attention, h.device)
         if attention_mask is not None or kv_cache is not None:
             position_ids, layout, max_position = _padded_layout(B, T, h.device, position_ids, document_ids,
-                                                                attention_mask, kv_cache)
+                                                                attention_mask, kv_cache, self.cfg.sliding_window)
         else:
-            position_ids, layout, max_position = _packed_layout(B, T, h.device, position_ids, document_ids, backend)
+            position_ids, layout, max_position = _packed_layout(B, T, h.device, position_ids, document_ids, backend,
+                                                                self.cfg.sliding_window)
 
         cos, sin = self.rope(position_ids, T, max_position)  # (B|1, 1, T, head_dim)
         # Cast once for all layers to the dtype q/k will have (the autocast dtype under autocast).
@@ -174,10 +178,19 @@ class Transformer(nn.Module):
 def _packed_layout(
     B: int, T: int, device: torch.device, position_ids: torch.Tensor | None, document_ids: torch.Tensor | None,
     backend: str,
+    window: int | None = None,
 ) -> tuple[torch.Tensor | None, AttentionLayout, int]:
-    """Training path: plain causal rows, or packed documents that must not see each other."""
+    """Training path: plain causal rows, or packed documents that must not see each other.
+
+    A sliding `window` shorter than the row adds a band to the mask (flash_attn takes it as `window_size`).
+    """
+    window = window if window is not None and window < T else None
     if position_ids is None and document_ids is None:
-        return None, AttentionLayout(), T - 1  # the mask-free fast path
+        if window is None:
+            return None, AttentionLayout(), T - 1  # the mask-free fast path
+        if backend == "flash_attn":
+            return None, AttentionLayout(window=window), T - 1
+        return None, AttentionLayout(mask=window_band(T, T, 0, window, device)[None, None]), T - 1
     for name, t in (("position_ids", position_ids), ("document_ids", document_ids)):
         if t is not None and t.shape != (B, T):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(B, T)} like the input tokens")
@@ -193,12 +206,18 @@ def _packed_layout(
         position_ids = idx - torch.where(starts, idx, 0).cummax(dim=1).values  # offset within the document
     # One host sync for both facts this forward needs.
     packed, max_position = torch.stack([(runs[:, -1] > 1).any().long(), position_ids.max()]).tolist()
-    if not packed:
-        return position_ids, AttentionLayout(), max_position
     if backend == "flash_attn":
+        if not packed:
+            return position_ids, AttentionLayout(window=window), max_position
         cu_seqlens, max_seqlen = document_cu_seqlens(runs)
-        return position_ids, AttentionLayout(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen), max_position
-    return position_ids, AttentionLayout(mask=document_mask(runs)), max_position
+        return position_ids, AttentionLayout(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=window), max_position
+    if not packed:
+        mask = None if window is None else window_band(T, T, 0, window, device)[None, None]
+        return position_ids, AttentionLayout(mask=mask), max_position
+    mask = document_mask(runs)
+    if window is not None:
+        mask = mask & window_band(T, T, 0, window, device)
+    return position_ids, AttentionLayout(mask=mask), max_position
 
 
 def _padded_layout(
@@ -209,8 +228,12 @@ def _padded_layout(
     document_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     kv_cache: KVCache | None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, AttentionLayout, int]:
-    """Decoding path: causal over [cache + new tokens], hiding padded keys."""
+    """Decoding path: causal over [cache + new tokens], hiding padded keys and keys outside the `window`.
+
+    Left padding keeps each row's real tokens contiguous, so cache slots are as far apart as positions.
+    """
     past = kv_cache.length if kv_cache is not None else 0
     if document_ids is not None:
         raise ValueError("document_ids cannot be combined with attention_mask/kv_cache")
@@ -226,6 +249,8 @@ def _padded_layout(
     q_abs = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
     k_abs = torch.arange(past + T, device=device)[None, :]  # (1, past + T)
     visible = attention_mask.bool()[:, None, :] & (k_abs <= q_abs)  # (B, T, past + T)
+    if window is not None:
+        visible = visible & (q_abs - k_abs < window)
     # A padded query attends to itself: a fully masked row would make NaNs that leak through V.
     visible = visible | (k_abs == q_abs)
     return position_ids, AttentionLayout(mask=visible[:, None]), int(position_ids.max())

@@ -149,7 +149,7 @@ def _base_hf_dict(**changes):
 @pytest.mark.parametrize(
     "changes,key",
     [
-        ({"model_type": "mistral"}, "model_type"),
+        ({"model_type": "gemma"}, "model_type"),
         ({"model_type": "gpt2"}, "model_type"),
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
@@ -165,7 +165,7 @@ def test_unsupported_configs_name_the_key(changes, key):
 
 
 def test_unsupported_config_in_folder_names_file(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(_base_hf_dict(model_type="mistral")))
+    (tmp_path / "config.json").write_text(json.dumps(_base_hf_dict(model_type="gemma")))
     with pytest.raises(ValueError, match="config.json.*model_type"):
         load_hf_model(tmp_path)
 

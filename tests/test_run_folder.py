@@ -19,8 +19,14 @@ def tiny() -> Transformer:
 
 
 def fake_tokenizer(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer_config.json").write_text("{}\n")
+    """A four-word tokenizer that loads (exports read its special ids), built without training."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                        bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(str(folder))
     return folder
 
 
@@ -145,6 +151,8 @@ def test_load_and_export_from_a_run_folder(tmp_path):
 
     out = export_checkpoint(run, tmp_path / "hf")
     assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 2
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(ValueError, match="refusing to replace it"):
         export_checkpoint(run, out)

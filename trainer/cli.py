@@ -9,6 +9,7 @@ from typing import Callable, NoReturn
 from trainer.checkpoint import AlreadyFinished, check_not_finished
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.loop import NonFiniteLossError
+from trainer.quiet import set_verbosity
 
 
 def run_parser(description: str) -> argparse.ArgumentParser:
@@ -22,6 +23,8 @@ def run_parser(description: str) -> argparse.ArgumentParser:
         help="'auto': continue from the newest complete checkpoint in train.output_dir (fresh start if none); "
              "or a checkpoint folder",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' warnings and notices (hidden by default)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser
 
@@ -34,6 +37,7 @@ def run_entry_point(doc: str, schema: type[RunConfig], run: Callable[[RunConfig,
     """
     def main() -> int:
         args = run_parser(doc.strip().splitlines()[0]).parse_intermixed_args()
+        set_verbosity(args.verbose)
         cfg = load_config(args.config, args.overrides, schema=schema)
         check_not_finished(args.resume, cfg.train.output_dir, cfg.train.max_steps)
         run(cfg, args.resume)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from model_defs.config import ModelConfig
 
@@ -33,7 +33,8 @@ class ModelSection(Section):
 
     preset: Optional[str] = Field("tiny", description="named shape from model_defs.PRESETS")
     init_from: Optional[str] = Field(
-        None, description="HF Llama folder or one of our exported models to start from; None = random init"
+        None, description="HF Llama/Qwen2/Mistral folder, Hub id (owner/name) or one of our checkpoints or run "
+                    "folders to start from; None = random init"
     )
 
     @model_validator(mode="after")
@@ -83,6 +84,20 @@ class TrainSection(Section):
     eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank")
     eval_at_start: bool = Field(False, description="also validate before the first step (a baseline figure)")
     max_nonfinite_steps: int = Field(5, gt=0, description="stop after this many non-finite steps in a row")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "aim"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers (Accelerate's) that receive the logged figures; [] = metrics.jsonl only")
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, names: list[str]) -> list[str]:
+        from trainer.metrics import TRACKER_PACKAGES, missing_trackers
+
+        missing = missing_trackers(names)
+        if missing:
+            raise ValueError(", ".join(f"{name} is not installed (pip install {TRACKER_PACKAGES[name]}, "
+                                       "or the project's `trackers` extra)" for name in missing))
+        return list(dict.fromkeys(names))
 
 
 class OptimSection(Section):
@@ -110,7 +125,7 @@ class LoggingSection(Section):
     """Rank-0 logging: progress bar, metrics.jsonl, tensorboard."""
 
     log_every: int = Field(1, gt=0)
-    tensorboard: bool = True
+    tensorboard: bool = Field(True, description="false drops tensorboard from train.report_to")
     progress: bool = True
 
 
@@ -126,6 +141,10 @@ class RunConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def trackers(self) -> list[str]:
+        """The trackers this run reports to: `train.report_to`, less tensorboard when `logging.tensorboard` is off."""
+        return [name for name in self.train.report_to if name != "tensorboard" or self.logging.tensorboard]
 
 
 def _unknown_key_message(key: str, valid: set[str]) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import GenerationConfig
 
 from model_defs import ModelConfig, Transformer
 from model_defs.hf import config_from_hf, load_hf_model, save_hf_model
@@ -18,6 +19,26 @@ from trainer.safe_load import checkpoint_loading, safe_torch_load
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja")
+GENERATION_CONFIG = "generation_config.json"
+
+
+def generation_settings(tokenizer_dir: str | Path) -> tuple[dict[str, int | None], dict]:
+    """(config.json's bos/eos/pad ids, generation_config.json's contents) for the tokenizer in `tokenizer_dir`.
+
+    generation_config's eos is every id our own generation stops at (the chat template's end-of-turn
+    token and EOS), so transformers' `generate` ends an assistant turn where `launch/generate.py` does.
+    """
+    from trainer.chat import stop_token_ids
+    from trainer.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    # Training pads with EOS when the tokenizer has no pad token (trainer.chat.load_run_tokenizer).
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": pad}
+    stops = stop_token_ids(tokenizer)
+    generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
+                  "pad_token_id": pad}
+    return ids, {k: v for k, v in generation.items() if v not in (None, [])}
 
 
 def checkpoint_model_config(checkpoint: str | Path) -> ModelConfig:
@@ -117,16 +138,22 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir
 def write_hf_folder(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
                     tokenizer_dir: str | Path | None = None, dtype: torch.dtype | None = None,
                     max_shard_size: str | None = None, overwrite: bool = False) -> Path:
-    """An HF Llama folder (safetensors + config + tokenizer files when present), written whole or not
-    at all; an existing non-empty `out_dir` is replaced only with `overwrite`."""
+    """An HF folder of the model's family (safetensors + config + tokenizer files when present), written
+    whole or not at all; an existing non-empty `out_dir` is replaced only with `overwrite`.
+
+    With a tokenizer, config.json carries its bos/eos/pad ids and generation_config.json the ids
+    generation stops at, so transformers' `generate` ends a turn where ours does.
+    """
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} not found")
+    token_ids, generation = generation_settings(tokenizer_dir) if tokenizer_dir is not None else ({}, None)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     with atomic_directory(out_dir, replace=overwrite) as staging:
-        save_hf_model(state, cfg, staging, max_shard_size=max_shard_size)
+        save_hf_model(state, cfg, staging, max_shard_size=max_shard_size, **token_ids)
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, staging)
+            GenerationConfig(**generation).save_pretrained(str(staging))
     return Path(out_dir)
 
 

@@ -157,7 +157,8 @@ def train(
         train_loader.load_state_dict(state.loader)
 
     logger = RunLogger(out_dir, enabled=accelerator.is_main_process, max_steps=tcfg.max_steps,
-                       start_step=state.step, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+                       start_step=state.step, trackers=cfg.trackers(), progress=cfg.logging.progress,
+                       run_config=cfg.model_dump(mode="json"))
     if resume_from is not None:
         logger.print(f"resumed from {resume_from} at step {state.step}")
     peak_tflops = device_peak_tflops(precision)

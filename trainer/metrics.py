@@ -1,11 +1,13 @@
-"""Rank-0 run logging: a rich progress bar, metrics.jsonl and tensorboard curves."""
+"""Rank-0 run logging: a rich progress bar, metrics.jsonl and experiment trackers (tensorboard, W&B,
+MLflow, Aim) through Accelerate's tracker API, each given the same global figures."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from rich.console import Console
@@ -42,14 +44,74 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     tmp.replace(path)
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim")
+# The pip package that brings each tracker (the `trackers` extra pins the ones tests use).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny", "aim": "aim"}
+
+
+def missing_trackers(names: Sequence[str]) -> list[str]:
+    """The requested trackers whose package is not installed."""
+    from accelerate.utils import is_aim_available, is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available,
+                 "mlflow": is_mlflow_available, "aim": is_aim_available}
+    return [name for name in names if not available[name]()]
+
+
+def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train.lr': 3e-4, ...}: what every tracker accepts as hyperparameters (scalars and strings only)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_config(value, name + "."))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value)
+    return flat
+
+
+def start_trackers(names: Sequence[str], out: Path, start_step: int, run_config: dict[str, Any] | None) -> list:
+    """Accelerate trackers writing beside the run (tensorboard/, mlruns/, wandb/, .aim), started and
+    given the resolved config. A resumed run's tensorboard curve drops events past the checkpoint."""
+    from accelerate.tracking import AimTracker, MLflowTracker, TensorBoardTracker, WandBTracker
+
+    run_name = out.resolve().name
+    trackers = []
+    for name in names:
+        if name == "tensorboard":
+            trackers.append(TensorBoardTracker("tensorboard", out, purge_step=start_step + 1))
+        elif name == "wandb":
+            os.environ.setdefault("WANDB_DIR", str(out))
+            trackers.append(WandBTracker(os.environ.get("WANDB_PROJECT", run_name), name=run_name))
+        elif name == "mlflow":
+            # Without a tracking server, a file store in the run folder: no database to install, and the
+            # figures stay with the run (MLflow 3 asks for that store to be allowed explicitly).
+            if not os.environ.get("MLFLOW_TRACKING_URI"):
+                import mlflow
+
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
+            trackers.append(MLflowTracker(experiment_name=run_name, run_name=run_name))
+        elif name == "aim":
+            trackers.append(AimTracker(run_name, logging_dir=str(out)))
+    for tracker in trackers:
+        tracker.start()
+        if run_config is not None:
+            tracker.store_init_configuration(flat_config(run_config))
+    return trackers
+
+
 class RunLogger:
     """Writes only on the main process; other ranks get a logger that does nothing."""
 
     def __init__(self, output_dir: str | Path, *, enabled: bool, max_steps: int, start_step: int,
-                 tensorboard: bool = True, progress: bool = True):
+                 trackers: Sequence[str] = ("tensorboard",), progress: bool = True,
+                 run_config: dict[str, Any] | None = None):
         self.enabled = enabled
         self.console = Console(stderr=True)
-        self._writer = None
+        self._trackers: list = []
         self._progress = None
         if not enabled:
             return
@@ -58,10 +120,7 @@ class RunLogger:
         self.metrics_path = out / "metrics.jsonl"
         truncate_metrics(self.metrics_path, start_step)
         self._file = open(self.metrics_path, "a")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_step + 1)
+        self._trackers = start_trackers(trackers, out, start_step, run_config)
         if progress:
             self._progress = Progress(
                 TextColumn("[bold]step {task.completed}/{task.total}"),
@@ -86,10 +145,10 @@ class RunLogger:
         record = {"step": step, "split": split, "time": time.time(), **metrics}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._writer.add_scalar(f"{split}/{key}", value, step)
+        scalars = {f"{split}/{key}": value for key, value in metrics.items()
+                   if isinstance(value, (int, float)) and math.isfinite(value)}
+        for tracker in self._trackers:
+            tracker.log(scalars, step=step)
         if self._progress is not None and split == "train":
             shown = [f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.2e}"]
             if metrics.get("grad_norm") is not None:
@@ -107,6 +166,6 @@ class RunLogger:
             return
         if self._progress is not None:
             self._progress.stop()
-        if self._writer is not None:
-            self._writer.close()
+        for tracker in self._trackers:
+            tracker.finish()
         self._file.close()

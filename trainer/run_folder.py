@@ -8,6 +8,7 @@ A run folder (`train.output_dir`):
   model/                      full fine-tuning: the tuned model as an HF Llama folder
   COMPLETED                   training reached max_steps
 An HF model folder holds config.json + safetensors; an adapter folder adapter_config.json.
+A Hub id (`owner/name`, not a local path) stands for its snapshot in huggingface_hub's cache.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from trainer.hub import hub_snapshot, is_hub_id
 
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
@@ -63,6 +66,8 @@ class RunPaths:
 
 
 def resolve(path: str | Path) -> RunPaths:
+    if is_hub_id(path):
+        path = hub_snapshot(str(path))
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")

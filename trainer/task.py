@@ -29,6 +29,7 @@ from trainer.build import build_model, model_config_from
 from trainer.checkpoint import MODEL_CONFIG_FILE, resolve_resume
 from trainer.config import ConfigError, RunConfig, save_resolved
 from trainer.engine import build_accelerator, resolve_precision, zero_stage
+from trainer.hub import is_hub_id
 from trainer.loop import EvalReport, RunResult, StatefulLoader, train
 from trainer.objectives import Objective, count_label_tokens
 from trainer.run_folder import model_source
@@ -119,9 +120,11 @@ def check_tokenizer_fits(tokenizer, model_cfg: ModelConfig) -> None:
 
 def base_model_name(cfg: RunConfig) -> str | None:
     """What an adapter records as its base: the exact checkpoint or folder `model.init_from` resolved to,
-    not a run folder whose newest checkpoint may change later."""
+    not a run folder whose newest checkpoint may change later; a Hub id as it is."""
     if not cfg.model.init_from:
         return None
+    if is_hub_id(cfg.model.init_from):
+        return cfg.model.init_from
     return str(model_source(cfg.model.init_from).resolve())
 
 

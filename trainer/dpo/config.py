@@ -17,7 +17,9 @@ REFERENCE_STRATEGIES = ("adapter", "precompute", "offload", "resident")
 class PairDataSection(TuningSection):
     """Preference pairs as every pairwise task reads them (DPO, reward models): the same files and shapes."""
 
-    train_files: list[str] = Field(default_factory=list, description="JSONL/JSON files or HF dataset folders of pairs")
+    train_files: list[str] = Field(
+        default_factory=list,
+        description="JSONL/JSON files, HF dataset folders or Hub datasets (owner/name[:config][@split]) of pairs")
     val_files: list[str] = Field(default_factory=list, description="held-out pairs in the same shapes")
     val_fraction: float = Field(0.0, ge=0, lt=1, description="without val_files: hold out this share of the pairs")
     chat_template: Literal["auto", "llama3", "chatml"] = Field(

@@ -25,6 +25,7 @@ from torch import nn
 from trainer.dpo.data import TokenPair
 from trainer.dpo.loader import PairBatches, fingerprint
 from trainer.dpo.reference import FrozenCopyReference
+from trainer.hub import hub_dataset_folder, hub_dataset_spec
 
 TABLE = "ref_logps"
 
@@ -44,6 +45,9 @@ def files_fingerprint(files: list[str | Path]) -> str:
     h = hashlib.sha256()
     for file in files:
         path = Path(file)
+        if hub_dataset_spec(file) is not None:  # the config and split are in the name; the bytes in the snapshot
+            h.update(str(file).encode())
+            path = hub_dataset_folder(str(file))
         members = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for member in members:
             h.update(str(member.relative_to(path) if path.is_dir() else member.name).encode())

@@ -14,7 +14,9 @@ SFTFormat = Literal["auto", "messages", "alpaca", "prompt_completion", "self_ins
 class SFTSection(PromptTunableSection):
     """Supervised fine-tuning data and method."""
 
-    train_files: list[str] = Field(default_factory=list, description="JSONL/JSON files or HF dataset folders")
+    train_files: list[str] = Field(
+        default_factory=list,
+        description="JSONL/JSON files, HF dataset folders or Hub datasets (owner/name[:config][@split])")
     val_files: list[str] = Field(default_factory=list, description="held-out files in the same formats")
     format: SFTFormat = Field("auto", description="row shape; auto detects it per row from the keys")
     chat_template: Literal["auto", "llama3", "chatml"] = Field(

@@ -78,7 +78,14 @@ def _open_text(path: Path):
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """(where, row) for every row of a JSONL/JSON file or a save_to_disk folder; `where` is 'file:line'."""
+    """(where, row) for every row of a JSONL/JSON file, a save_to_disk folder or a Hub dataset
+    (`owner/name[:config][@split]`, see trainer.hub); `where` is 'file:line' or 'source:row N'."""
+    from trainer.hub import hub_dataset_spec, load_hub_dataset
+
+    if hub_dataset_spec(path) is not None:
+        for i, row in enumerate(load_hub_dataset(str(path))):
+            yield f"{path}:row {i + 1}", row
+        return
     path = Path(path)
     if path.is_dir():
         from trainer.data.sources import load_disk_dataset

@@ -24,6 +24,7 @@ from torch import nn
 
 from trainer.atomic import atomic_directory
 from trainer.export import export_checkpoint
+from trainer.run_folder import is_checkpoint
 from trainer.tuning.config import HF_MODULE_NAMES, HF_PARENT
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -97,9 +98,20 @@ def to_hf_adapter(state: dict[str, torch.Tensor], config, base_name: str | None 
     return hf_state, hf_config
 
 
+def hf_base_of(base_name: str | None) -> str | None:
+    """What adapter_hf/ records as its base: the HF folder or Hub id the run started from. One of our
+    checkpoints is no model transformers can load, so then none (export the base first)."""
+    if not base_name or is_checkpoint(base_name):
+        return None
+    return base_name
+
+
 def save_adapters(accelerator: Accelerator, prepared: nn.Module, out_dir: str | Path, tokenizer=None,
                   hf_base_name: str | None = None) -> tuple[Path, Path] | None:
-    """Gather the trained adapter and write `out_dir/adapter` and `out_dir/adapter_hf` on rank 0."""
+    """Gather the trained adapter and write `out_dir/adapter` and `out_dir/adapter_hf` on rank 0.
+
+    adapter_hf/ records `hf_base_name`, by default the base adapter/ records when transformers can load it.
+    """
     model, trainable = gather_trainable_state(accelerator, prepared)
     result = None
     if accelerator.is_main_process:
@@ -108,7 +120,8 @@ def save_adapters(accelerator: Accelerator, prepared: nn.Module, out_dir: str | 
         if not state:
             raise RuntimeError("the adapter state is empty: no trained adapter parameter was found")
         ours = _write_adapter(Path(out_dir) / "adapter", state, config, tokenizer)
-        hf_state, hf_config = to_hf_adapter(state, config, base_name=hf_base_name)
+        hf_base = hf_base_name or hf_base_of(config.base_model_name_or_path)
+        hf_state, hf_config = to_hf_adapter(state, config, base_name=hf_base)
         theirs = _write_adapter(Path(out_dir) / "adapter_hf", hf_state, hf_config, tokenizer)
         result = (ours, theirs)
     accelerator.wait_for_everyone()
@@ -137,4 +150,4 @@ def save_run_outputs(method: str, result, out_dir: str | Path, tokenizer=None) -
         return
     saved = save_adapters(accelerator, result.model, out_dir, tokenizer=tokenizer)
     if saved is not None:
-        accelerator.print(f"adapter saved to {saved[0]} (HF Llama names: {saved[1]})")
+        accelerator.print(f"adapter saved to {saved[0]} (HF module names: {saved[1]})")
