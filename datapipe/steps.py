@@ -30,9 +30,11 @@ from datapipe.accounting import UseField
 from datapipe.code_filters import CodeQualityFilter
 from datapipe.decont import Decontaminate
 from datapipe.instructions import InstructionRulesFilter
+from datapipe.keywords import KeywordFilter
 from datapipe.lid import OfflineLanguageFilter
 from datapipe.perplexity import PerplexityFilter
 from datapipe.pii import PIIScrubber
+from datapipe.quality import QualityClassifierFilter
 from datapipe.tokens import shared_or_stock
 
 
@@ -57,6 +59,8 @@ STREAM_STEPS: dict[str, StreamStep] = {
     "instruction_rules": StreamStep(InstructionRulesFilter),
     "code_quality": StreamStep(CodeQualityFilter),
     "decontaminate": StreamStep(Decontaminate),
+    "keywords": StreamStep(KeywordFilter),
+    "quality_classifier": StreamStep(QualityClassifierFilter),
     "pii": StreamStep(PIIScrubber, is_filter=False),
 }
 # Steps whose datatrove block word- or sentence-tokenizes through its `language` argument.

@@ -71,16 +71,12 @@ class _ProcessState:
     def _parse(self, text: str) -> Parsed:
         from spacy.attrs import IDX, IS_PUNCT, LENGTH
 
+        # datatrove retokenizes a text containing "IS_ALPHA" without it when spaCy's full pipeline raises,
+        # which happens or not depending on what that process tokenized before; the tokenizer alone
+        # never raises, so here such text keeps the string (the one known difference).
         nlp = self._tokenizer()
         nlp.max_length = len(text) + 10
-        try:
-            doc = nlp.make_doc(text)
-        except Exception:
-            # As datatrove does: this one string breaks spaCy's tokenizer.
-            if "IS_ALPHA" not in text:
-                raise
-            text = text.replace("IS_ALPHA", "")
-            doc = nlp.make_doc(text)
+        doc = nlp.make_doc(text)
         # Offsets from one array call instead of a Python Token object per word (most of spaCy's cost
         # here); a token's text is always the slice of the input it covers.
         idx, length, is_punct = doc.to_array([IDX, LENGTH, IS_PUNCT]).T.tolist() if len(doc) else ([], [], [])
