@@ -72,6 +72,9 @@ class PipelineConfig(_Section):
         None, description="The step list (recipe: custom), each a name or {name: {params}}.")
     step_params: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Parameter overrides for a recipe's steps, by step name.")
+    tokenizer: Literal["shared", "datatrove"] = Field(
+        "shared", description="shared: each text is word/sentence-tokenized once for all steps (same spaCy "
+                              "rules, same decisions); datatrove: every step tokenizes on its own (slow).")
 
 
 def recipe_steps(cfg: PipelineConfig) -> list[tuple[str, dict]]:

@@ -46,7 +46,16 @@ def incomplete_ranks(stage: Stage, layout: Layout) -> list[int]:
     return [r for r in range(stage.tasks) if not (done / f"{r:05d}").is_file()]
 
 
+def preload_worker_modules() -> None:
+    """Worker processes are forked from one forkserver; what it imports they all inherit. Has no
+    effect once this process's forkserver runs (a second run in the same process keeps the first's)."""
+    import multiprocess
+
+    multiprocess.get_context("forkserver").set_forkserver_preload(["datapipe.warm"])
+
+
 def run_local(stages: list[Stage], layout: Layout, workers: int) -> None:
+    preload_worker_modules()
     for stage in stages:
         executor = LocalPipelineExecutor(
             pipeline=stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),

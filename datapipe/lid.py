@@ -1,9 +1,19 @@
 """Offline language identification with py3langid, whose model ships inside its wheel."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
+
+
+@lru_cache(maxsize=1)
+def load_identifier():
+    """One model per process (and per forkserver, whose children inherit it: see datapipe/warm.py)."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
 class OfflineLanguageFilter(BaseFilter):
@@ -29,9 +39,7 @@ class OfflineLanguageFilter(BaseFilter):
     @property
     def identifier(self):
         if self._identifier is None:
-            from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-            self._identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+            self._identifier = load_identifier()
         return self._identifier
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:

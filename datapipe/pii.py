@@ -2,8 +2,9 @@
 
 datatrove's PIIFormatter covers emails and IPv4 only and replaces them with fake values; here
 every type gets a placeholder (`<EMAIL>`, `<CREDIT_CARD>` ...) and a per-type count in the report.
-Matches are validated (Luhn for cards, mod-97 for IBANs, `ipaddress` for IPs) so that version
-numbers, dates, order numbers and times stay untouched.
+Matches are validated (Luhn, issuer digit and digit grouping for cards, mod-97 for IBANs, `ipaddress`
+for IPs, the words just before a match) so that version and section numbers, ISBNs, dates, order
+numbers and times stay untouched.
 """
 from __future__ import annotations
 
@@ -17,7 +18,16 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.typeshelper import StatHints
 
 PII_TYPES = ("private_key", "secret", "email", "iban", "credit_card", "ipv6", "ipv4", "phone")
-_VERSION_CONTEXT = re.compile(r"(?:\bv|\bversion|\bver\.?|\brelease|\bbuild)\s*$", re.IGNORECASE)
+# Dotted numbers after these words are versions or document structure ("section 4.2.1.3"), not addresses.
+_NOT_AN_ADDRESS_CONTEXT = re.compile(
+    r"(?:\bv|\bversion|\bver\.?|\brelease|\bbuild|\bsections?|\bsec\.|§|\bchapters?|\bch\.|\bclauses?"
+    r"|\bparagraphs?|\bpara\.|\barticles?|\bart\.|\bparts?|\bitems?|\brules?|\bsteps?|\bfigures?|\bfig\."
+    r"|\btables?|\bappendix|\bpages?|\bpp?\.|\bexercises?|\btheorem|\blemma|\bequation|\beq\.|\bno\.)\s*$",
+    re.IGNORECASE)
+# A labelled book number ("ISBN 978-0-7432-7356-5", "ISBN-13: ...") is never a card, even when it passes Luhn.
+_ISBN_CONTEXT = re.compile(r"\bISBN(?:-1[03])?\s*:?\s*$", re.IGNORECASE)
+# Separated card numbers come in these group layouts: 4-4-4-4(-3), Amex 4-6-5, Diners 4-6-4.
+_CARD_GROUPS = {(4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4), (4, 4, 4, 1), (4, 4, 4, 4, 1), (4, 4, 4, 4, 2)}
 
 
 def luhn_valid(digits: str) -> bool:
@@ -39,10 +49,25 @@ def iban_valid(candidate: str) -> bool:
     return int(numeric) % 97 == 1
 
 
+def isbn13_valid(digits: str) -> bool:
+    if len(digits) != 13 or not digits.startswith(("978", "979")):
+        return False
+    return sum(int(d) * (1 if i % 2 == 0 else 3) for i, d in enumerate(digits)) % 10 == 0
+
+
 def _card_valid(text: str, m: re.Match) -> bool:
-    digits = re.sub(r"\D", "", m.group(0))
-    separators = set(re.findall(r"[ -]", m.group(0)))
-    return 13 <= len(digits) <= 19 and len(separators) <= 1 and luhn_valid(digits)
+    number = m.group(0)
+    digits = re.sub(r"\D", "", number)
+    separators = set(re.findall(r"[ -]", number))
+    if not (13 <= len(digits) <= 19 and len(separators) <= 1 and luhn_valid(digits)):
+        return False
+    # Payment cards start with 2-6 (the ISO/IEC 7812 industry digits of banks and card networks);
+    # ISBN-13s start with 9, so one without its label is still left alone.
+    if digits[0] not in "23456":
+        return False
+    if separators and tuple(len(g) for g in re.split(r"[ -]", number)) not in _CARD_GROUPS:
+        return False
+    return not (_ISBN_CONTEXT.search(text[max(0, m.start() - 10): m.start()]) and isbn13_valid(digits))
 
 
 def _ip_valid(text: str, m: re.Match) -> bool:
@@ -54,7 +79,7 @@ def _ip_valid(text: str, m: re.Match) -> bool:
     except ValueError:
         return False
     # Private, loopback and documentation ranges identify no one; scrubbing them only hurts code/docs.
-    return ip.is_global and not _VERSION_CONTEXT.search(text[max(0, m.start() - 12): m.start()])
+    return ip.is_global and not _NOT_AN_ADDRESS_CONTEXT.search(text[max(0, m.start() - 12): m.start()])
 
 
 def _phone_valid(text: str, m: re.Match) -> bool:

@@ -110,9 +110,10 @@ def build_stages(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
         if name in STREAM_STEPS:
             writer = RemovedWriter(removed, label) if STREAM_STEPS[name].is_filter else None
             step_at[len(current)] = label
-            current += [build_stream_step(name, label, params, writer), Meter(label)]
+            current += [build_stream_step(name, label, params, writer, cfg.tokenizer == "shared"), Meter(label)]
             continue
-        parts = build_global_step(name, label, params, work, RemovedWriter(removed, label, DEDUP_REASONS[name]))
+        parts = build_global_step(name, label, params, work, RemovedWriter(removed, label, DEDUP_REASONS[name]),
+                                  cfg.tokenizer == "shared")
         stage_dir = f"{work}/stage_{len(stages):02d}"
         current += [StageWriter(stage_dir), Meter(f"{INTERNAL}written_{len(stages):02d}"), *parts.signature[:-1]]
         step_at[len(current)] = label

@@ -18,7 +18,7 @@ from datapipe.plan import INPUT_LABEL, Layout, Stage
 
 # Step counters worth surfacing (everything else datatrove counts stays in the stats files).
 EXTRA_COUNTER_PREFIXES = ("pii_", "docs_with_pii", "contaminated_", "overlap_ngrams_", "bad_input", "empty_text",
-                          "dropped_")
+                          "dropped_", "keyword_")
 
 
 def _total(value) -> float:

@@ -30,9 +30,12 @@ from datapipe.accounting import UseField
 from datapipe.code_filters import CodeQualityFilter
 from datapipe.decont import Decontaminate
 from datapipe.instructions import InstructionRulesFilter
+from datapipe.keywords import KeywordFilter
 from datapipe.lid import OfflineLanguageFilter
 from datapipe.perplexity import PerplexityFilter
 from datapipe.pii import PIIScrubber
+from datapipe.quality import QualityClassifierFilter
+from datapipe.tokens import shared_or_stock
 
 
 class StepConfigError(ValueError):
@@ -56,8 +59,12 @@ STREAM_STEPS: dict[str, StreamStep] = {
     "instruction_rules": StreamStep(InstructionRulesFilter),
     "code_quality": StreamStep(CodeQualityFilter),
     "decontaminate": StreamStep(Decontaminate),
+    "keywords": StreamStep(KeywordFilter),
+    "quality_classifier": StreamStep(QualityClassifierFilter),
     "pii": StreamStep(PIIScrubber, is_filter=False),
 }
+# Steps whose datatrove block word- or sentence-tokenizes through its `language` argument.
+TOKENIZING_STEPS = ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")
 GLOBAL_STEPS = ("exact_dedup", "minhash_dedup", "sentence_dedup")
 ALL_STEPS = tuple(STREAM_STEPS) + GLOBAL_STEPS
 
@@ -83,9 +90,16 @@ def _check_keys(label: str, cls: Callable, params: dict, extra_allowed: tuple[st
     return errors
 
 
-def build_stream_step(name: str, label: str, params: dict, exclusion_writer) -> PipelineStep:
+def tokenizer_for(language, share_tokenizer: bool):
+    return shared_or_stock(language) if share_tokenizer else language
+
+
+def build_stream_step(name: str, label: str, params: dict, exclusion_writer,
+                      share_tokenizer: bool = True) -> PipelineStep:
     spec = STREAM_STEPS[name]
     kwargs = {**spec.defaults, **params}
+    if name in TOKENIZING_STEPS:
+        kwargs["language"] = tokenizer_for(kwargs.get("language", "en"), share_tokenizer)
     if name == "language" and isinstance(kwargs.get("languages"), str):
         kwargs["languages"] = [kwargs["languages"]]
     # datatrove filters take tuples where YAML gives lists; pass sequences through unchanged otherwise
@@ -148,7 +162,8 @@ class GlobalStepParts:
     filter: PipelineStep  # head of the next stage, right after its reader
 
 
-def build_global_step(name: str, label: str, params: dict, work: str, exclusion_writer) -> GlobalStepParts:
+def build_global_step(name: str, label: str, params: dict, work: str, exclusion_writer,
+                      share_tokenizer: bool = True) -> GlobalStepParts:
     """`exclusion_writer` gets the removed documents; for sentence_dedup, every document that lost
     duplicated spans (spans marked), whether it was then kept or dropped as too short."""
     sig_dir, found_dir = f"{work}/{label}/signatures", f"{work}/{label}/found"
@@ -163,7 +178,7 @@ def build_global_step(name: str, label: str, params: dict, work: str, exclusion_
     if name == "minhash_dedup":
         config = MinhashConfig(n_grams=params.get("n_grams", 5), num_buckets=params.get("bands", 14),
                                hashes_per_bucket=params.get("rows", 8), seed=params.get("seed", 1))
-        language = params.get("language", "en")
+        language = tokenizer_for(params.get("language", "en"), share_tokenizer)
         buckets_dir = f"{work}/{label}/buckets"
         return GlobalStepParts(
             signature=field_step + [MinhashDedupSignature(sig_dir, config=config, language=language)],
@@ -177,7 +192,7 @@ def build_global_step(name: str, label: str, params: dict, work: str, exclusion_
         config = SentDedupConfig(n_sentences=params.get("n_sentences", 3),
                                  min_doc_words=params.get("min_doc_words", 50),
                                  min_num_sentences=params.get("min_num_sentences", 3))
-        language = params.get("language", "en")
+        language = tokenizer_for(params.get("language", "en"), share_tokenizer)
         return GlobalStepParts(
             signature=[SentenceDedupSignature(sig_dir, finder_workers=1, config=config, language=language)],
             find_stages=[(f"{label}-find", [SentenceFindDedups(sig_dir, found_dir, config=config)], 1)],

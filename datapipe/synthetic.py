@@ -130,7 +130,10 @@ PII_CASES = {
 LOOKALIKES = ["version 1.2.3.4", "v2.10.3", "10.0.0.1", "192.168.1.20", "2023-01-15", "12/05/2023",
               "15.01.2023", "4111 1111 1111 1112", "ISBN 978-3-16-148410-0", "order 1234567890123",
               "12:30:45", "std::vector", "a[::2]", "user@localhost", "3.14159", "1,234,567",
-              "DE89 3704 0044 0532 0130 01", "password: correcthorsebattery"]
+              "DE89 3704 0044 0532 0130 01", "password: correcthorsebattery",
+             # pass Luhn / parse as a public IPv4, told apart by structure and context
+             "ISBN 978-0-7432-7356-5", "ISBN-13: 9780743273565", "9780306406157", "section 4.2.1.3",
+             "§ 8.8.4.4", "see figure 3.1.4.1"]
 PII_PLACEHOLDERS = {"email": "<EMAIL>", "ipv4": "<IPV4>", "ipv6": "<IPV6>", "phone": "<PHONE>",
                     "credit_card": "<CREDIT_CARD>", "iban": "<IBAN>", "secret": "<SECRET>"}
 
