@@ -129,7 +129,9 @@ def _train_rows(out: Path) -> dict[int, dict]:
 def test_bad_config_is_a_one_line_error(work):
     out = work / "bad"
     proc = _run(["--config", str(_config(work, out, rewards=[{"function": "tests.no_such:f"}]))], expect_rc=2)
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: defaults: rl.rewards[0].function: cannot import")
+    assert "error: 1 problem(s) in the configuration" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].strip().startswith("defaults: rl.rewards[0].function: cannot import "
+                                                                   "module 'tests.no_such'")
     assert "Traceback" not in proc.stderr and not (out / "checkpoints").exists()
 
 
@@ -166,3 +168,29 @@ def test_kill_and_resume_equals_straight_run_bitwise(work):
             assert resumed[step][key] == straight[step][key], (step, key)
     again = load_file(out / "model" / "model.safetensors")
     assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
+def test_reward_model_scores_text_with_its_own_tokenizer(tmp_path):
+    """A reward model whose tokenizer is not the policy's: the conversation is re-rendered and re-tokenized
+    by the reward model's own tokenizer and template, never fed policy ids."""
+    from model_defs import ModelConfig, SequenceClassifier
+    from model_defs.hf_classifier import save_hf_classifier
+    from trainer.chat import ensure_chat_template
+    from trainer.rl.rewards import RewardModelScores
+
+    tokenizer = ensure_chat_template(make_tokenizer(tmp_path, vocab_size=300), "chatml")
+    torch.manual_seed(0)
+    rm = SequenceClassifier(ModelConfig.from_preset("tiny", dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                    vocab_size=len(tokenizer)), num_labels=1).eval()
+    save_hf_classifier(rm, tmp_path / "rm", pad_token_id=tokenizer.pad_token_id or 0)
+    tokenizer.save_pretrained(tmp_path / "rm")
+    scorer = RewardModelScores(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, batch_size=2)
+    messages = [[{"role": "user", "content": "What is 3 + 4?"}], [{"role": "user", "content": "Count to 3."}]]
+    completions = ["3 + 4 = 7.", "1, 2, 3."]
+    got = scorer(prompts=["What is 3 + 4?", "Count to 3."], completions=completions, prompt_messages=messages)
+    for m, c, value in zip(messages, completions, got):
+        text = tokenizer.apply_chat_template(m + [{"role": "assistant", "content": c}], tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = ids[:len(ids) - (1 if text.endswith("\n") else 0)]  # the template's newline after the end of turn
+        with torch.no_grad():
+            assert value == pytest.approx(rm(torch.tensor([ids])).item(), abs=1e-5)

@@ -19,6 +19,14 @@ class RewardFunctionSection(Section):
     weight: float = Field(1.0, description="its share of the total reward (rewards are summed with weights)")
 
 
+class RewardModelSection(Section):
+    """A reward model (ours or any HF sequence-classification folder) scoring prompt + completion."""
+
+    path: str = Field(..., description="a reward run folder, its model/, a checkpoint or an HF folder")
+    weight: float = Field(1.0, description="its share of the total reward")
+    batch_size: int = Field(16, gt=0, description="sequences per scoring forward")
+
+
 class RLSection(TuningSection):
     """Prompts, how completions are sampled and scored, and the policy-gradient objective."""
 
@@ -36,6 +44,8 @@ class RLSection(TuningSection):
     top_k: Optional[int] = Field(None, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     rewards: list[RewardFunctionSection] = Field(default_factory=list, description="Python reward functions")
+    reward_model: Optional[RewardModelSection] = Field(
+        None, description="a reward model, re-tokenizing the text with its own tokenizer (summed with the rest)")
     scale_rewards: Literal["group", "none"] = Field(
         "group", description="group: advantages (r - group mean) / (group std + 1e-4); none: Dr. GRPO's r - mean")
     loss_normalization: LossNormalization = Field(
@@ -88,8 +98,8 @@ def rl_config_problems(cfg: RLConfig) -> list[str]:
         problems.append("defaults: data.path: this task reads rl.train_files, not token shards; remove data.path")
     if not r.train_files:
         problems.append("defaults: rl.train_files: no prompt files given")
-    if not r.rewards:
-        problems.append("defaults: rl.rewards: no reward function given (module:function entries)")
+    if not r.rewards and r.reward_model is None:
+        problems.append("defaults: rl.rewards: no reward given (module:function entries or rl.reward_model)")
     if r.max_prompt_len + r.max_new_tokens > cfg.data.seq_len:
         problems.append(f"defaults: rl.max_prompt_len + rl.max_new_tokens = {r.max_prompt_len + r.max_new_tokens} "
                         f"exceeds data.seq_len {cfg.data.seq_len}")

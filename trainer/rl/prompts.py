@@ -26,6 +26,7 @@ class Prompt:
     text: str  # the last user message: what reward functions read as the prompt
     fields: dict[str, Any] = field(default_factory=dict)
     where: str = ""
+    messages: list[Message] = field(default_factory=list)  # the whole prompt conversation (reward models)
 
 
 def parse_prompt_row(row: Any, where: str) -> tuple[list[Message], dict[str, Any]]:
@@ -53,7 +54,7 @@ def load_prompts(files: list[str], tokenizer: PreTrainedTokenizerBase, max_promp
             if len(ids) > max_prompt_len:
                 raise DataError(f"{where}: the prompt is {len(ids)} tokens, over rl.max_prompt_len "
                                 f"{max_prompt_len}")
-            prompts.append(Prompt(ids, messages[-1]["content"], fields, where))
+            prompts.append(Prompt(ids, messages[-1]["content"], fields, where, messages))
     if not prompts:
         raise DataError(f"{key}: no prompt rows in {', '.join(files)}")
     names = set(prompts[0].fields)

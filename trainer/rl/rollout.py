@@ -152,7 +152,8 @@ class RolloutLoader:
         completions = cut_at_stop(tokens[:, ids.size(1):], self.stop_ids)
         texts = self.tokenizer.batch_decode([c.tolist() for c in completions], skip_special_tokens=True)
         fields = {k: [p.fields[k] for p in rows] for k in rows[0].fields}
-        per_function = score(self.rewards, [p.text for p in rows], texts, fields, [p.where for p in rows])
+        per_function = score(self.rewards, [p.text for p in rows], texts, fields, [p.where for p in rows],
+                             [p.messages for p in rows])
         rewards = combine(per_function, self.rewards)
         advantages = group_advantages(rewards, r.num_generations, scale=r.scale_rewards == "group")
         batch = training_rows([p.ids for p in rows], completions, pad_id)

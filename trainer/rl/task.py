@@ -26,9 +26,10 @@ from trainer.loop import RunResult
 from trainer.rl.config import RLConfig, rl_config_problems
 from trainer.rl.objective import GRPOObjective, per_token_logps
 from trainer.rl.prompts import Prompt, load_prompts
-from trainer.rl.rewards import RewardFunction, combine, load_reward_functions, score
+from trainer.rl.rewards import RewardFunction, combine, load_reward_functions, reward_model_function, score
 from trainer.rl.rollout import RolloutLoader, cut_at_stop, generation_weights, left_pad, rollout_report
 from trainer.task import TaskContext, TaskData, TaskParts, TaskSpec, run_task
+from trainer.tuning.methods import PRECISION_DTYPES
 
 
 class RLData:
@@ -40,10 +41,16 @@ def load_rl_data(cfg: RLConfig) -> TaskData:
     r = cfg.rl
     tokenizer = load_chat_tokenizer(cfg, r.chat_template)
     rewards = load_reward_functions(r.rewards)
+    if r.reward_model is not None:
+        from trainer.score import find_classifier
+
+        find_classifier(r.reward_model.path)  # reads configs only: a wrong path costs nothing yet
     train = load_prompts(r.train_files, tokenizer, r.max_prompt_len, "rl.train_files")
     val = load_prompts(r.val_files, tokenizer, r.max_prompt_len, "rl.val_files") if r.val_files else []
-    report = [f"rl prompts: {len(train)} train, {len(val)} held-out; rewards: "
-              + ", ".join(f"{f.name} x {f.weight:g}" for f in rewards)]
+    names = [f"{f.name} x {f.weight:g}" for f in rewards]
+    if r.reward_model is not None:
+        names.append(f"reward model {r.reward_model.path} x {r.reward_model.weight:g}")
+    report = [f"rl prompts: {len(train)} train, {len(val)} held-out; rewards: " + ", ".join(names)]
     banner = (f"{r.algorithm} | G {r.num_generations} | normalization {r.loss_normalization} | beta {r.beta:g} | "
               f"reference {r.resolved_reference()} | chat template {template_name(tokenizer) or 'the tokenizer own'}")
     return TaskData(payload=RLData(train, val, rewards), tokenizer=tokenizer, report=report, banner=banner)
@@ -96,7 +103,8 @@ class GreedyRewards:
         completions = cut_at_stop(tokens[:, ids.size(1):], self.stop_ids)
         texts = tokenizer.batch_decode([c.tolist() for c in completions], skip_special_tokens=True)
         fields = {k: [p.fields[k] for p in rows] for k in rows[0].fields}
-        per_function = score(self.data.rewards, [p.text for p in rows], texts, fields, [p.where for p in rows])
+        per_function = score(self.data.rewards, [p.text for p in rows], texts, fields,
+                             [p.where for p in rows], [p.messages for p in rows])
         real = batch["row_mask"].float().cpu()
         stats = {"count": real.sum(), "reward_sum": (combine(per_function, self.data.rewards) * real).sum(),
                  "response_length_sum": (torch.tensor([float(len(c)) for c in completions]) * real).sum()}
@@ -114,6 +122,9 @@ def val_prompt_batches(n: int, batch_size: int, rank: int, world_size: int):
 
 def build_rl(ctx: TaskContext, model: nn.Module) -> TaskParts:
     cfg, data, accelerator = ctx.cfg, ctx.data.payload, ctx.accelerator
+    if cfg.rl.reward_model is not None:
+        data.rewards.append(reward_model_function(cfg.rl.reward_model, accelerator.device,
+                                                  PRECISION_DTYPES[ctx.precision]))
     objective = GRPOObjective(cfg.rl, chunking=cfg.train.loss_chunking)
     loader = RolloutLoader(data.train, cfg.rl, model=model, accelerator=accelerator, tokenizer=ctx.data.tokenizer,
                            rewards=data.rewards, micro_batch_size=cfg.train.micro_batch_size,
