@@ -101,7 +101,7 @@ def _config(work: Path, out: Path, **rl) -> Path:
     cfg = dict(model={"preset": "tiny", "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 400},
                data={"tokenizer": str(work / "tokenizer"), "seq_len": 48},
                train={"output_dir": str(out), "max_steps": 6, "micro_batch_size": 4, "grad_accum_steps": 2,
-                      "eval_batches": 1},
+                      "eval_batches": 1, "eval_at_start": True},
                optim={"lr": 3e-3, "warmup_steps": 0}, checkpoint={"every": 1, "keep_last": 10},
                logging={"tensorboard": False, "progress": False, "log_every": 1},
                rl={"train_files": [str(work / "train.jsonl")], "val_files": [str(work / "val.jsonl")],
@@ -194,3 +194,23 @@ def test_reward_model_scores_text_with_its_own_tokenizer(tmp_path):
         ids = ids[:len(ids) - (1 if text.endswith("\n") else 0)]  # the template's newline after the end of turn
         with torch.no_grad():
             assert value == pytest.approx(rm(torch.tensor([ids])).item(), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_ranks_zero2_and_zero3(work):
+    """2-rank CPU runs: ZeRO-2, and ZeRO-3 with gathered weights for generation and a sharded frozen
+    reference. Both start from the same weights and sampling seeds, so their first rollouts agree."""
+    from tests.pretrain_run import launch_command, metrics, run
+
+    first = {}
+    for stage in (2, 3):
+        out = work / f"zero{stage}"
+        config = _config(work, out, beta=0.05, epochs=1)
+        run(launch_command("rl.py", ["--config", str(config), "train.max_steps=2", "checkpoint.every=2"],
+                           ranks=2, zero_stage=stage))
+        train = metrics(out)
+        assert [r["step"] for r in train] == [1, 2] and all(r["world_size"] == 2 for r in train)
+        assert all(r["kl"] >= 0 and r["rollout_tokens_per_s"] > 0 for r in train)
+        first[stage] = train[0]
+    assert first[2]["rollout_reward_mean"] == first[3]["rollout_reward_mean"]
+    assert first[2]["loss"] == pytest.approx(first[3]["loss"], abs=1e-5)
