@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 _QUESTION = re.compile(r"(?:What is (\d+) \+ (\d+)\?|Add (\d+) and (\d+)\.)")
-_NUMBER = re.compile(r"-?\d+")
+_STATED = re.compile(r"=\s*(-?\d+)")
 
 
 def expected_sum(prompt: str) -> int | None:
@@ -16,14 +16,15 @@ def expected_sum(prompt: str) -> int | None:
 
 
 def arithmetic_exact(prompts: list[str], completions: list[str], **_) -> list[float]:
-    """1 when the completion's last number is the sum asked for (the demo answers "x + y = z."), else 0."""
+    """1 when the completion states the sum asked for ("x + y = z", its first "= z"), else 0. What
+    follows the statement does not count: the reward is about the sum, not about stopping."""
     rewards = []
     for prompt, completion in zip(prompts, completions):
         want = expected_sum(prompt)
         if want is None:
             raise ValueError(f"not an arithmetic question: {prompt!r}")
-        numbers = _NUMBER.findall(completion)
-        rewards.append(1.0 if numbers and int(numbers[-1]) == want else 0.0)
+        stated = _STATED.search(completion)
+        rewards.append(1.0 if stated and int(stated.group(1)) == want else 0.0)
     return rewards
 
 
