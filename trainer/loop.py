@@ -134,6 +134,8 @@ def train(
     checkpoint_files: dict[str, str] | None = None,
     count_targets: Callable[[dict[str, torch.Tensor]], torch.Tensor] = count_label_tokens,
     eval_report: EvalReport | None = None,
+    val_objective: Objective | None = None,
+    train_report: EvalReport | None = None,
 ) -> RunResult:
     """Run `cfg.train.max_steps` optimizer steps of `objective` over `train_loader`.
 
@@ -142,6 +144,8 @@ def train(
     `val_batches` returns a fresh iterable of validation batches each time it is called.
     `flops_per_token` (training FLOPs, 6N + attention) turns throughput into MFU.
     `checkpoint_files` (name -> text) are written into every checkpoint, e.g. the model's own config.
+    `val_objective` replaces `objective` for validation batches; `train_report` adds a task's own figures
+    from a logged step's global sums, as `eval_report` does for validation.
     """
     tcfg, out_dir = cfg.train, Path(cfg.train.output_dir)
     optimizer = build_optimizer(model, cfg.optim)
@@ -173,7 +177,7 @@ def train(
     last_eval: dict[str, float] = {}
     last_totals: dict[str, float] = {}
     if val_batches is not None and tcfg.eval_at_start and state.step == 0:
-        last_eval, last_totals = evaluate(accelerator, model, objective, val_batches(), tcfg.eval_batches,
+        last_eval, last_totals = evaluate(accelerator, model, val_objective or objective, val_batches(), tcfg.eval_batches,
                                           eval_report)
         logger.log(0, last_eval, split="val")
     final_checkpoint = None
@@ -240,7 +244,10 @@ def train(
 
             if state.step % cfg.logging.log_every == 0 or state.step == tcfg.max_steps:
                 step_time = time.perf_counter() - step_start
-                metrics = summarize(_global_sum(accelerator, totals))
+                step_totals = _global_sum(accelerator, totals)
+                metrics = summarize(step_totals)
+                if train_report is not None:
+                    metrics.update(train_report(step_totals))
                 if skipped:
                     metrics["loss"] = float("nan")  # no update was made from it
                 if torch.is_tensor(grad_norm):
@@ -253,6 +260,8 @@ def train(
                     tokens_seen=state.tokens_seen,
                     step_time_s=step_time,
                     data_time_share=data_time / step_time,
+                    # Without the data's share: a task whose batches are generated (RL rollouts) trains this fast.
+                    compute_tokens_per_s=global_tokens / max(step_time - data_time, 1e-9),
                     nonfinite_total=state.nonfinite_total,
                     world_size=accelerator.num_processes,
                 )
@@ -264,7 +273,7 @@ def train(
 
             done = state.step == tcfg.max_steps
             if val_batches is not None and (done or (tcfg.eval_every and state.step % tcfg.eval_every == 0)):
-                last_eval, last_totals = evaluate(accelerator, model, objective, val_batches(),
+                last_eval, last_totals = evaluate(accelerator, model, val_objective or objective, val_batches(),
                                                   tcfg.eval_batches, eval_report)
                 logger.log(state.step, last_eval, split="val")
 

@@ -86,6 +86,10 @@ class TaskParts:
     extra_flops_factor: float = 0.0
     # The task's own validation figures from the global sums (macro-F1, per-class recall, ...).
     eval_report: Optional[EvalReport] = None
+    # Validation that measures something other than the training loss (e.g. rewards of generated text).
+    val_objective: Optional[Objective] = None
+    # The task's own training figures from a logged step's global sums (e.g. rollout throughput).
+    train_report: Optional[EvalReport] = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,8 @@ def run_task(cfg: RunConfig, spec: TaskSpec, resume: str | None = None) -> RunRe
                           **(spec.checkpoint_files(ctx) if spec.checkpoint_files else {})},
         count_targets=task.count_targets,
         eval_report=task.eval_report,
+        val_objective=task.val_objective,
+        train_report=task.train_report,
     )
     if result.stopped_by_signal is None:
         if spec.save_outputs is not None:

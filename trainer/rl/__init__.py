@@ -1,0 +1,1 @@
+"""Online reinforcement learning (GRPO) as a task: rollouts from the current policy feed the one loop."""

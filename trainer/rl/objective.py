@@ -1,0 +1,100 @@
+"""The GRPO objective for the loop: the policy's per-token log-probs of a rollout micro-batch and the loss.
+
+Statistics are summable: `loss_sum` with its `loss_normalizer` (the loss normalization's count), and
+per-completion figures summed over completions (`count`): reward, advantage, response length, and the
+per-completion token means of KL, entropy and clip fractions.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from trainer.objectives import IGNORE_INDEX, Stats
+from trainer.rl.config import RLSection
+from trainer.rl.losses import grpo_token_losses, normalized_loss, normalizer_count
+from trainer.token_logps import LossChunking, _max_over_ranks, chunk_tokens_for, label_logps, lm_head_of, vocab_size_of
+
+
+def per_token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+                    chunking: LossChunking = "auto", entropy: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T) fp32 log-probs of the labelled tokens under logits / temperature (0 elsewhere), and their
+    entropies when asked (no gradient). The head is linear and bias-free, so scaling the hidden states
+    by 1 / temperature scales the logits the same way, chunked head included."""
+    mask = labels != IGNORE_INDEX
+    h = model(input_ids, return_hidden=True)  # (B, T, dim)
+    h_sel = h[mask]
+    if temperature != 1.0:
+        h_sel = h_sel / temperature
+    head = lm_head_of(model)
+    tok = label_logps(h_sel, labels[mask], head, chunking)  # (N,)
+    logps = torch.zeros(labels.shape, dtype=tok.dtype, device=tok.device).masked_scatter(mask, tok)
+    ent = None
+    if entropy:
+        ent = torch.zeros(labels.shape, dtype=torch.float32, device=tok.device).masked_scatter(
+            mask, token_entropy(h_sel.detach(), head))
+    return logps, ent
+
+
+@torch.no_grad()
+def token_entropy(h: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """Entropy of softmax(head(h)) per row of h (N, dim), a chunk of logits at a time; (N,) fp32."""
+    size = chunk_tokens_for(vocab_size_of(head))
+    n_chunks = max(1, math.ceil(_max_over_ranks(h.size(0), head, h.device) / size))  # equal head calls (ZeRO-3)
+    out = []
+    for i in range(n_chunks):
+        logits = head(h[i * size:(i + 1) * size]).float()
+        logp = logits.log_softmax(dim=-1)
+        out.append(-(logp.exp() * logp).sum(dim=-1))
+    return torch.cat(out)
+
+
+class GRPOObjective:
+    """`objective(model, batch) -> (loss_sum, stats)` over rollout micro-batches (see trainer.rl.rollout)."""
+
+    def __init__(self, rl: RLSection, chunking: LossChunking = "auto"):
+        self.rl, self.chunking = rl, chunking
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return normalizer_count(batch["labels"] != IGNORE_INDEX, self.rl.loss_normalization, self.rl.max_new_tokens)
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        r = self.rl
+        labels = batch["labels"]
+        mask = labels != IGNORE_INDEX
+        logps, entropy = per_token_logps(model, batch["input_ids"], labels, temperature=r.temperature,
+                                         chunking=self.chunking, entropy=True)
+        # One update per rollout: the sampling policy is this very policy (ratio 1, gradients of the ratio).
+        old = batch["old_logps"] if "old_logps" in batch else logps.detach()
+        advantages = batch["advantages"]
+        losses = grpo_token_losses(logps, old, advantages, eps_low=r.epsilon, eps_high=r.clip_high, beta=r.beta,
+                                   ref_logps=batch.get("ref_logps"))
+        loss_sum, normalizer = normalized_loss(losses.loss, mask, r.loss_normalization, r.max_new_tokens)
+        fmask = mask.float()
+        lengths = fmask.sum(dim=1)
+
+        def completion_mean(x: torch.Tensor) -> torch.Tensor:  # sum over completions of their token means
+            return ((x.detach().float() * fmask).sum(dim=1) / lengths.clamp(min=1.0)).sum()
+
+        stats = {
+            "loss_sum": loss_sum.detach(),
+            "loss_normalizer": normalizer.detach().float(),
+            "count": torch.tensor(float(labels.size(0)), device=labels.device),
+            "reward_sum": batch["rewards"].float().sum(),
+            "advantage_sum": advantages.float().sum(),
+            "response_length_sum": lengths.sum(),
+            "entropy_sum": completion_mean(entropy),
+            "clip_low_sum": completion_mean(losses.low_clipped),
+            "clip_high_sum": completion_mean(losses.high_clipped),
+            "clip_fraction_sum": completion_mean(losses.low_clipped | losses.high_clipped),
+        }
+        if losses.kl is not None:
+            stats["kl_sum"] = completion_mean(losses.kl)
+        for key, value in batch.items():
+            if key.startswith("reward/"):
+                stats[f"{key}_sum"] = value.float().sum()
+            elif key.startswith("rollout_"):  # buffer-level figures, on the buffer's first micro-batch only
+                stats[key] = value.float()
+        return loss_sum, stats
