@@ -329,13 +329,15 @@ def test_preferences_pick_best_and_worst_by_the_reward_model(work, tmp_path, cap
     assert pairs[-1]["prompt"] == [{"role": "user", "content": "What is two plus two?"}]
     system_pair = [p for p in pairs if p["prompt"][0]["role"] == "system"]
     assert all(p["prompt"][-1] == {"role": "user", "content": "Name a colour."} for p in system_pair)
-    loaded, _ = load_pairs([out / "pairs.jsonl"])
-    assert len(loaded) == len(pairs)
+    assert len(load_pairs([out / "pairs.jsonl"], on_identical="error", on_empty="error")) == len(pairs)
 
-    # A higher threshold keeps fewer; the answers and scores are reused, not regenerated? No: other
-    # settings are refused for the same folder, so the threshold is the one setting outside it.
-    assert _prefs(work, instructions, out, "--margin", "0.05") == 0  # a finished run rebuilds the same pairs
+    # The margin is applied when pairing, so another threshold reuses the answers and scores of the folder.
+    assert _prefs(work, instructions, out, "--margin", "1e9") == 0
+    assert read_jsonl(out / "pairs.jsonl") == [] and json.loads((out / "summary.json").read_text())["dropped"]["margin"]
+    assert _prefs(work, instructions, out, "--margin", "0.05") == 0
     assert read_jsonl(out / "pairs.jsonl") == pairs
+    assert _prefs(work, instructions, out, "--temperature", "0.5") == 2
+    assert "other settings (sampling:" in capsys.readouterr().err
 
 
 def test_preferences_bad_input(work, tmp_path, capsys):
