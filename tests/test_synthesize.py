@@ -398,3 +398,52 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(work, tmp_path):
     items = [r["generation"]["item"] for r in killed]
     assert len(items) == len(set(items)) and killed == straight
     assert (tmp_path / "k.jsonl").read_bytes() == (tmp_path / "u.jsonl").read_bytes()
+
+
+@pytest.mark.slow
+def test_whole_chain_magpie_filter_preferences_sft_dpo(work, tmp_path):
+    """World size 1. Tiny random models write noise, so the filter runs with its rules opened wide (every
+    language, short answers): what is tested here is that each stage reads what the one before wrote."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    import yaml
+
+    def run(*args: str | Path, timeout: int = 300) -> str:
+        proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=run_env(), capture_output=True,
+                              text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    run(SYNTH, "magpie", "--model", work / "g0", "--num-items", 24, "--out", tmp_path / "magpie.jsonl",
+        "--batch-size", 8, "--chunk-size", 8, "--max-instruction-tokens", 16, "--max-response-tokens", 24,
+        "--device", "cpu", "--no-progress")
+    languages = sorted(LanguageIdentifier.from_model_file(MODEL_FILE).nb_classes)
+    run(SYNTH, "filter", "--input", tmp_path / "magpie.jsonl", "--out", tmp_path / "clean",
+        f"step_params.language.languages=[{','.join(languages)}]", "step_params.language.threshold=0",
+        "step_params.instruction_rules.min_words=1", "step_params.instruction_rules.max_token_run=100",
+        "step_params.instruction_rules.max_repeated_ngram_fraction=1.0")
+    cleaned = sorted((tmp_path / "clean" / "data").glob("*.jsonl"))
+    n_clean = sum(len(f.read_text().splitlines()) for f in cleaned)
+    assert n_clean >= 12
+    log = run(SYNTH, "preferences", "--instructions", tmp_path / "clean" / "data", "--model", work / "g0",
+              "--model", work / "g1", "--model", work / "g2", "--reward-model", work / "reward",
+              "--out", tmp_path / "prefs", "--max-tokens", 16, "--device", "cpu", "--no-progress")
+    summary = json.loads((tmp_path / "prefs" / "summary.json").read_text())
+    assert summary["instructions"] == n_clean and summary["kept"] >= 8, log
+
+    common = {"logging": {"tensorboard": False, "progress": False}, "optim": {"lr": 1e-3, "warmup_steps": 0}}
+    sft = {"model": {"init_from": str(work / "g0")}, "data": {"seq_len": 96},
+           "train": {"output_dir": str(tmp_path / "sft"), "max_steps": 2, "micro_batch_size": 4},
+           "sft": {"train_files": [str(f) for f in cleaned], "method": "full"}, **common}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft))
+    run("launch/sft.py", "--config", tmp_path / "sft.yaml")
+    dpo = {"model": {"init_from": str(tmp_path / "sft" / "model")}, "data": {"seq_len": 96},
+           "train": {"output_dir": str(tmp_path / "dpo"), "max_steps": 2, "micro_batch_size": 4},
+           "dpo": {"train_files": [str(tmp_path / "prefs" / "pairs.jsonl")], "max_prompt_len": 48,
+                   "method": "full", "reference": "precompute", "on_identical": "error", "on_empty": "error"},
+           **common}
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(dpo))
+    log = run("launch/dpo.py", "--config", tmp_path / "dpo.yaml")
+    assert f"{summary['kept']} pairs" in log or str(summary["kept"]) in log
+    steps = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r["split"] == "train"][-1] == 2
+    assert (tmp_path / "dpo" / "model" / "config.json").is_file()
