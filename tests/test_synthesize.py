@@ -443,7 +443,7 @@ def test_whole_chain_magpie_filter_preferences_sft_dpo(work, tmp_path):
            **common}
     (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(dpo))
     log = run("launch/dpo.py", "--config", tmp_path / "dpo.yaml")
-    assert f"{summary['kept']} pairs" in log or str(summary["kept"]) in log
+    assert f"{summary['kept']} rows -> {summary['kept']} pairs" in log
     steps = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["split"] == "train"][-1] == 2
     assert (tmp_path / "dpo" / "model" / "config.json").is_file()
