@@ -380,7 +380,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(work, tmp_path):
     """World size 1 (one process). The killed run is continued by the same command; the file equals
     that of a run never stopped, with no item lost or repeated."""
     def command(out: Path) -> list[str]:
-        return [sys.executable, SYNTH, "magpie", "--model", str(work / "g0"), "--num-items", "40",
+        return [sys.executable, SYNTH, "magpie", "--model", str(work / "g0"), "--num-items", "24",
                 "--out", str(out), "--batch-size", "2", "--chunk-size", "2", "--max-instruction-tokens", "16",
                 "--max-response-tokens", "16", "--device", "cpu", "--no-progress"]
 
