@@ -30,9 +30,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from bench.common import LoadSampler, fmt_spread, spread  # noqa: E402
+from bench.common import LoadSampler, fmt_spread, spread
 
 CONTENDERS = ("ours", "transformers")
 
@@ -92,8 +92,10 @@ def run_ours(model, ids, mask, args, seed: int) -> torch.Tensor:
 def run_theirs(model, ids, mask, args, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
     sampled = args.temperature > 0
-    kwargs = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p or 1.0, top_k=0) if sampled \
-        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if sampled:
+        kwargs = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p or 1.0, "top_k": 0}
+    else:
+        kwargs = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
                              min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0, use_cache=True,
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
     for name, fn in runners.items():  # warm-up: allocator, kernels, lazy imports
         try:
             fn()
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any failure of a contender fails the bench, with its reason
             print(f"contender '{name}' failed: {type(err).__name__}: {err}", file=sys.stderr)
             return 1
     tokens = args.batch * args.new_tokens

@@ -12,6 +12,7 @@ import hashlib
 import math
 import re
 from collections import defaultdict
+from itertools import pairwise
 
 _WORD = re.compile(r"\w+(?:['’]\w+)*")
 
@@ -24,7 +25,7 @@ def shingles(text: str) -> set[str]:
     words = _WORD.findall(text.lower())
     if len(words) < 2:
         return set(words)
-    return {f"{a} {b}" for a, b in zip(words, words[1:])}
+    return {f"{a} {b}" for a, b in pairwise(words)}
 
 
 def _order(shingle: str) -> bytes:

@@ -7,13 +7,19 @@ kept one is dropped and counted. Rows are SFT `messages` rows (plus flat `instru
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from trainer.synthesize.dedup import InstructionDedup
-from trainer.synthesize.engine import Sampling, item_seed, load_chat_tokenizer, open_engine, resolve_device
+from trainer.synthesize.engine import (
+    Sampling,
+    item_seed,
+    load_chat_tokenizer,
+    open_engine,
+    resolve_device,
+)
 from trainer.synthesize.progress import item_progress
 from trainer.synthesize.resumable import ChunkedJsonl
 from trainer.synthesize.template import magpie_prefix
@@ -29,8 +35,10 @@ class MagpieSettings:
     tokenizer: str | None = None
     chat_template: str = "auto"
     system: str | None = None
-    instruction_sampling: Sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=128)
-    response_sampling: Sampling | None = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=512)
+    instruction_sampling: Sampling = field(
+        default_factory=lambda: Sampling(temperature=1.0, top_p=1.0, max_new_tokens=128))
+    response_sampling: Sampling | None = field(
+        default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=512))
     seed: int = 0
     near_duplicate: float = 0.8
     batch_size: int = 8

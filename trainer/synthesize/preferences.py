@@ -19,9 +19,15 @@ from typing import Any
 
 import torch
 
-from trainer.synthesize.engine import Sampling, item_seed, load_chat_tokenizer, open_engine, resolve_device
+from trainer.synthesize.engine import (
+    Sampling,
+    item_seed,
+    load_chat_tokenizer,
+    open_engine,
+    resolve_device,
+)
 from trainer.synthesize.progress import item_progress
-from trainer.synthesize.resumable import ChunkedJsonl, _write_json_atomic
+from trainer.synthesize.resumable import ChunkedJsonl, write_json_atomic
 
 SETTINGS_FILE = "preferences.json"
 _SHAPES = "'instruction', 'prompt' (text or messages) or 'messages'"
@@ -33,7 +39,7 @@ _SHAPES = "'instruction', 'prompt' (text or messages) or 'messages'"
 def _prompt_of(row: Any) -> list[dict]:
     """The prompt conversation of one instruction row; ValueError says what is wrong."""
     if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object with {_SHAPES}, got {type(row).__name__}")
+        raise ValueError(f"expected a JSON object with {_SHAPES}, got {type(row).__name__}")  # noqa: TRY004
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not all(
@@ -105,7 +111,7 @@ class PreferenceSettings:
     tokenizers: list[str | None] = field(default_factory=list)
     reward_tokenizer: str | None = None
     chat_template: str = "auto"
-    sampling: Sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=512)
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=512))
     seed: int = 0
     margin: float = 0.0
     batch_size: int = 8
@@ -158,7 +164,7 @@ def _open_folder(out: Path, recorded: dict) -> None:
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: no such folder for the output")
     out.mkdir(exist_ok=True)
-    _write_json_atomic(settings, recorded)
+    write_json_atomic(settings, recorded)
 
 
 # ----------------------------------------------------------------------------- the passes
@@ -195,8 +201,14 @@ def _score_pass(s: PreferenceSettings, prompts: list[list[dict]], out: Path, rec
                 device: torch.device, source, bar) -> None:
     from trainer.data.tokenizer import load_tokenizer
     from trainer.dpo.data import PreferencePair
-    from trainer.score import (ScoreReport, ScoreRow, length_limits, load_scoring_model, score_sequences,
-                               tokenize_score_rows)
+    from trainer.score import (
+        ScoreReport,
+        ScoreRow,
+        length_limits,
+        load_scoring_model,
+        score_sequences,
+        tokenize_score_rows,
+    )
 
     scores = ChunkedJsonl(out / "scores.jsonl", {**recorded, "pass": "scores"})
     progress = scores.open()
@@ -306,5 +318,5 @@ def run_preferences(s: PreferenceSettings) -> dict:
     scores = [r["scores"] for r in scores_file.rows()]
     pairs, summary = build_pairs(s, prompts, responses, scores)
     write_jsonl_atomic(out / "pairs.jsonl", pairs)
-    _write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / "summary.json", summary)
     return summary

@@ -31,7 +31,7 @@ class Progress:
     counters: dict[str, int] = field(default_factory=dict)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -109,6 +109,6 @@ class ChunkedJsonl:
         p.items_done, p.rows, p.bytes, p.complete = items_done, p.rows + len(rows), p.bytes + len(data), complete
         if counters is not None:
             p.counters = dict(counters)
-        _write_json_atomic(self.state_file, {"format": STATE_FORMAT, "settings": self.settings,
+        write_json_atomic(self.state_file, {"format": STATE_FORMAT, "settings": self.settings,
                                              "items_done": p.items_done, "rows": p.rows, "bytes": p.bytes,
                                              "complete": p.complete, "counters": p.counters})

@@ -6,6 +6,7 @@ user message is a sentinel, keep what comes before it), so no family needs a har
 """
 from __future__ import annotations
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 SENTINEL = "\u2063MAGPIE-SENTINEL-7f3a\u2063"
@@ -20,7 +21,8 @@ def magpie_prefix(tokenizer: PreTrainedTokenizerBase, where: str) -> str:
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], tokenize=False,
                                              add_generation_prompt=False)
-    except Exception as err:  # a template may raise anything (jinja TemplateError, its own raise_exception)
+    # A template fails through jinja (its own raise_exception included) or on a field it expects.
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError) as err:
         raise ValueError(f"{where}: the chat template cannot render a user message ({err})") from None
     if not isinstance(text, str) or text.count(SENTINEL) != 1:
         raise ValueError(f"{where}: cannot derive the user-turn prefix: the chat template does not render the "
