@@ -110,6 +110,9 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
         if n_rep > 1 and _SDPA_HAS_GQA:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=True)
+    if n_rep > 1 and _SDPA_HAS_GQA:
+        # Decoding passes a mask every step; repeating K/V would copy the whole cache per layer per token.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
 
 

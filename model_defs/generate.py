@@ -14,9 +14,12 @@ def sample_next(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Next token per row from logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
+    """Next token per row from logits (B, V): greedy at temperature 0, else top-k / nucleus sampling.
+
+    `generator` may be one generator per row: each row then draws from its own stream, so a row's
+    tokens do not depend on which other rows share its batch (reproducible per item)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -31,6 +34,11 @@ def sample_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, Sequence):
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
+        return torch.cat([torch.multinomial(probs[i:i + 1], num_samples=1, generator=g)[0]
+                          for i, g in enumerate(generator)])
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
@@ -53,7 +61,7 @@ def generate(
     top_p: float | None = None,
     stop_token_ids: Sequence[int] = (),
     pad_token_id: int = 0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     use_cache: bool = True,
 ) -> torch.Tensor:
     """Continue each prompt row; returns (B, T_prompt + n_new) with n_new <= max_new_tokens.
