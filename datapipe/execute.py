@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+from datatrove.utils.logging import logger
 
 import datapipe
 from datapipe.config import PipelineConfig, SlurmConfig, default_venv
 from datapipe.plan import Layout, Stage
+from datapipe.readers import BadInputError
 
 REPO_ROOT = Path(datapipe.__file__).resolve().parents[1]
 
@@ -46,7 +48,16 @@ def incomplete_ranks(stage: Stage, layout: Layout) -> list[int]:
     return [r for r in range(stage.tasks) if not (done / f"{r:05d}").is_file()]
 
 
+def _without_bad_input_traceback(record) -> None:
+    # datatrove logs every task exception with its traceback before re-raising it; bad input is the
+    # user's file, and its one-line message (file:line) is the whole story.
+    exception = record["exception"]
+    if exception is not None and isinstance(exception.value, BadInputError):
+        record["exception"] = None
+
+
 def run_local(stages: list[Stage], layout: Layout, workers: int) -> None:
+    logger.configure(patcher=_without_bad_input_traceback)
     for stage in stages:
         executor = LocalPipelineExecutor(
             pipeline=stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),

@@ -176,6 +176,28 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
         raise DamagedCheckpoint(f"--resume {checkpoint}: damaged checkpoint: {err}") from None
 
 
+# What fixes the shape of every saved tensor; the rest (attention kernel, recomputation, max length)
+# may change between runs.
+_SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "multiple_of",
+               "ffn_dim_multiplier", "tie_embeddings")
+
+
+def check_same_model(checkpoint: str | Path, model_config: dict[str, Any]) -> None:
+    """Refuse, naming the key, a checkpoint of another model shape before anything is loaded into it."""
+    path = Path(checkpoint) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        raise ValueError(f"{path}: not valid JSON") from None
+    differ = [f"{k} {saved.get(k)!r} there, {model_config.get(k)!r} here" for k in _SHAPE_KEYS
+              if k in saved and k in model_config and saved[k] != model_config[k]]
+    if differ:
+        raise ValueError(f"--resume {checkpoint}: another model shape ({'; '.join(differ)}); resume with the model "
+                         "that wrote it, or start a new run from it with model.init_from")
+
+
 def check_not_finished(resume: str | None, output_dir: str | Path, max_steps: int) -> None:
     """Raise AlreadyFinished for `--resume auto` on a run that reached `max_steps` (COMPLETED and a
     checkpoint at that step), before any data, process group or model is built."""

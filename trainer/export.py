@@ -75,7 +75,17 @@ def load_pretrained(path: str | Path, **overrides) -> Transformer:
         return load_hf_model(path, **overrides)
     cfg = source_model_config(path, **overrides)
     model = Transformer(cfg)
-    model.load_state_dict(with_tied_head(consolidated_state_dict(path), cfg), strict=True)
+    state = consolidated_state_dict(path)
+    if any(".lora_" in k or k.startswith("base_model.model.") for k in state):
+        run = path.parent.parent
+        raise ValueError(f"{path}: a LoRA/QLoRA run's checkpoint (base and adapter apart), not a model: merge the "
+                         f"adapter first (python launch/export_hf.py --adapter {run / 'adapter'} MERGED) and use "
+                         "MERGED as the model")
+    try:
+        model.load_state_dict(with_tied_head(state, cfg), strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split("\n", 2)[1:2]).strip() or str(err).splitlines()[0]
+        raise ValueError(f"{path}: weights do not fit its {MODEL_CONFIG_FILE} ({detail})") from None
     return model
 
 
