@@ -238,7 +238,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    portable_state = gather_state(parts) if parts is not None and portable else None
+    portable_state = (gather_state(parts, keep=accelerator.is_main_process)
+                      if parts is not None and portable else None)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if portable_state is not None:

@@ -149,9 +149,10 @@ def _steps(parts: TrainingParts) -> list[float]:
     return out
 
 
-def gather_state(parts: TrainingParts) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Every trainable parameter and its moments, whole, on the CPU (every rank must call this: under
-    ZeRO each tensor is an all-reduce), and the scalars beside them."""
+def gather_state(parts: TrainingParts, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every trainable parameter and its moments, whole, on the CPU, and the scalars beside them.
+    Every rank must call this (under ZeRO each tensor is an all-reduce); only one that will write
+    them needs to `keep` them."""
     sharded = parts.zero_stage in (1, 2, 3)
     if sharded:
         from deepspeed.utils import (
@@ -168,8 +169,9 @@ def gather_state(parts: TrainingParts) -> tuple[dict[str, torch.Tensor], dict[st
         else:
             state = parts.optimizer.state.get(param) or _fresh_moment_state(param, {})
             values = {"param": param.detach(), **{key: state[key] for key in MOMENTS}}
-        for key, value in values.items():
-            tensors[f"{key}/{name}"] = value.detach().float().cpu().contiguous()
+        if keep:
+            for key, value in values.items():
+                tensors[f"{key}/{name}"] = value.detach().float().cpu().contiguous()
     meta = {
         "version": 1,
         "steps": _steps(parts),
