@@ -117,3 +117,12 @@ def test_clean_data_yaml_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"override 'executor.workers=\[': invalid YAML value") as err:
         load_config(recipe, ["executor.workers=["])
     one_line(err)
+
+
+def test_unreadable_trainer_state_is_named(tmp_path):
+    from trainer.checkpoint import TRAINER_STATE, _trainer_state
+
+    for text in ("{not json", '{"tokens_seen": 3}', "[1, 2]"):
+        (tmp_path / TRAINER_STATE).write_text(text)
+        with pytest.raises(ValueError, match=rf"{TRAINER_STATE}: (unreadable trainer state|not the trainer state)"):
+            _trainer_state(tmp_path)
