@@ -136,6 +136,10 @@ def _ensure_zero_state(parts: TrainingParts) -> None:
         if not base.state.get(flat):
             base.state[flat] = _fresh_moment_state(flat, group_of.get(id(flat), base.defaults))
     if parts.zero_stage in (1, 2):
+        # ZeRO-1/2 links each parameter to its moments once, right after the first group's first
+        # step, when the other groups have no state yet: with two groups (decayed and not) the second
+        # is linked to nothing. Linking again now that every group has its state fixes that.
+        zero_opt._hp_optimizer_states_linked = False
         zero_opt._lazy_init_hp_params_optimizer_state()
 
 
