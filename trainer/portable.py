@@ -125,16 +125,22 @@ def _fresh_moment_state(param: torch.Tensor, group: dict) -> dict[str, torch.Ten
     return {"step": step, "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
 
 
+def _zero_flats(parts: TrainingParts) -> list[tuple[torch.Tensor, int]]:
+    """ZeRO's flat fp32 partitions on this rank and the optimizer group of each. ZeRO-3 puts a
+    partition into its group's `params` only while stepping it, so the groups cannot say."""
+    zero_opt = _zero_optimizer(parts)
+    if parts.zero_stage == 3:
+        return [(flat, zero_opt.sub_group_to_group_id[i]) for i, flat in enumerate(zero_opt.fp32_partitioned_groups_flat)]
+    return [(flat, i) for i, flat in enumerate(zero_opt.single_partition_of_fp32_groups)]
+
+
 def _ensure_zero_state(parts: TrainingParts) -> None:
     """ZeRO creates the AdamW state of its flat fp32 partitions on the first step; before one (a resume,
     or a run whose every step was skipped) create it as AdamW would, so the accessors have a target."""
     zero_opt, base = _zero_optimizer(parts), parts.optimizer
-    flats = (zero_opt.fp32_partitioned_groups_flat if parts.zero_stage == 3
-             else zero_opt.single_partition_of_fp32_groups)
-    group_of = {id(p): g for g in base.param_groups for p in g["params"]}
-    for flat in flats:
+    for flat, group in _zero_flats(parts):
         if not base.state.get(flat):
-            base.state[flat] = _fresh_moment_state(flat, group_of.get(id(flat), base.defaults))
+            base.state[flat] = _fresh_moment_state(flat, base.param_groups[group])
     if parts.zero_stage in (1, 2):
         # ZeRO-1/2 links each parameter to its moments once, right after the first group's first
         # step, when the other groups have no state yet: with two groups (decayed and not) the second
@@ -143,11 +149,21 @@ def _ensure_zero_state(parts: TrainingParts) -> None:
         zero_opt._lazy_init_hp_params_optimizer_state()
 
 
+def _tensors_by_group(parts: TrainingParts) -> list[list[torch.Tensor]]:
+    """What the optimizer holds state for, by group: ZeRO's flat partitions, or the parameters."""
+    if parts.zero_stage in (1, 2, 3):
+        groups: list[list[torch.Tensor]] = [[] for _ in parts.optimizer.param_groups]
+        for flat, group in _zero_flats(parts):
+            groups[group].append(flat)
+        return groups
+    return [list(group["params"]) for group in parts.optimizer.param_groups]
+
+
 def _steps(parts: TrainingParts) -> list[float]:
     """The AdamW step count of each param group (every tensor of a group steps together)."""
     out = []
-    for group in parts.optimizer.param_groups:
-        states = [parts.optimizer.state.get(p) for p in group["params"]]
+    for tensors in _tensors_by_group(parts):
+        states = [parts.optimizer.state.get(t) for t in tensors]
         steps = [float(s["step"]) for s in states if s and "step" in s]
         out.append(steps[0] if steps else 0.0)
     return out
@@ -272,8 +288,8 @@ def _load_sharded(parts: TrainingParts, trainable: list[tuple[str, nn.Parameter]
         else:
             param.copy_(value.to(param.device, param.dtype))
     base = parts.optimizer
-    for group, step in zip(base.param_groups, steps):
-        for flat in group["params"]:
+    for flats, step in zip(_tensors_by_group(parts), steps):
+        for flat in flats:
             state = base.state.get(flat)
             if state and "step" in state:
                 if torch.is_tensor(state["step"]):
