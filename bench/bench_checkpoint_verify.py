@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import LoadSampler, fmt_spread, spread, work_folder  # noqa: E402
-from trainer.checkpoint import verify_checkpoint, write_manifest  # noqa: E402
+from bench.common import LoadSampler, fmt_spread, spread, work_folder
+from trainer.checkpoint import verify_checkpoint, write_manifest
 
 FILES = ("model.safetensors", "exp_avg.safetensors", "exp_avg_sq.safetensors")
 

@@ -295,7 +295,8 @@ def _trainer_state(checkpoint: Path) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: unreadable trainer state ({str(err).splitlines()[0]})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise ValueError(f"{path}: not the trainer state this trainer writes (no integer 'step')")
+        # A damaged file is bad input (one line, exit 2), not a type error in the code.
+        raise ValueError(f"{path}: not the trainer state this trainer writes (no integer 'step')")  # noqa: TRY004
     return state
 
 
