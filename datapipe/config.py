@@ -117,6 +117,13 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: where, and what (e.g. a `!!python/...` tag)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Read YAML, apply `a.b=value` overrides (values parsed as YAML), validate everything."""
     path = Path(path)
@@ -125,14 +132,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({err})") from None
+        raise ConfigError(f"{path}: invalid YAML ({yaml_problem(err)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, value = item.split("=", 1)
-        _set_dotted(data, key, yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: invalid YAML value ({yaml_problem(err)})") from None
+        _set_dotted(data, key, parsed)
     return validate_config(data, str(path))
 
 

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+from datatrove.utils.logging import logger
 
 import datapipe
 from datapipe.config import PipelineConfig, SlurmConfig, default_venv
 from datapipe.plan import Layout, Stage
+from datapipe.readers import BadInputError
 
 REPO_ROOT = Path(datapipe.__file__).resolve().parents[1]
 
@@ -54,8 +56,17 @@ def preload_worker_modules() -> None:
     multiprocess.get_context("forkserver").set_forkserver_preload(["datapipe.warm"])
 
 
+def _without_bad_input_traceback(record) -> None:
+    # datatrove logs every task exception with its traceback before re-raising it; bad input is the
+    # user's file, and its one-line message (file:line) is the whole story.
+    exception = record["exception"]
+    if exception is not None and isinstance(exception.value, BadInputError):
+        record["exception"] = None
+
+
 def run_local(stages: list[Stage], layout: Layout, workers: int) -> None:
     preload_worker_modules()
+    logger.configure(patcher=_without_bad_input_traceback)
     for stage in stages:
         executor = LocalPipelineExecutor(
             pipeline=stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),

@@ -17,8 +17,13 @@ def shard_perplexity(model: nn.Module, shards_dir: str | Path, seq_len: int, bat
     """Token-weighted loss and perplexity over the ordered windows of one split folder."""
     from trainer.data.shards import PretrainLoader, TokenShards
 
-    loader = PretrainLoader(TokenShards(shards_dir), batch_size=batch_size, seq_len=seq_len,
-                            shuffle=False, validation=True)
+    shards = TokenShards(shards_dir)
+    cfg = getattr(model, "cfg", None)
+    needed = max(shards.vocab_size, shards.max_token_id + 1)
+    if cfg is not None and cfg.vocab_size < needed:
+        raise ValueError(f"{shards_dir}: tokens made with a {shards.vocab_size}-token tokenizer (ids up to "
+                         f"{shards.max_token_id}) but the model's vocabulary is {cfg.vocab_size}: not this model's data")
+    loader = PretrainLoader(shards, batch_size=batch_size, seq_len=seq_len, shuffle=False, validation=True)
     model.eval().to(device)
     loss_sum, tokens = 0.0, 0
     for i, batch in enumerate(loader):

@@ -10,7 +10,6 @@ import sys
 
 import torch
 
-from trainer.atomic import is_occupied
 from trainer.cli import guarded
 from trainer.export import export_checkpoint, export_merged
 
@@ -24,7 +23,9 @@ def main() -> int:
                              "with --adapter: the base (checkpoint, run folder or HF folder; default: the "
                              "adapter's own base)")
     parser.add_argument("out", help="output folder, written whole or not at all")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export at OUT (never a folder holding other files, the source "
+                             "or the current directory)")
     parser.add_argument("--adapter", help="an SFT run's adapter/ folder (LoRA/QLoRA) to merge into the base")
     parser.add_argument("--tokenizer", help="tokenizer folder to include (default: the run's data.tokenizer, "
                                             "or the adapter's tokenizer)")
@@ -35,8 +36,6 @@ def main() -> int:
     from trainer.quiet import set_verbosity
 
     set_verbosity(args.verbose)
-    if not args.overwrite and is_occupied(args.out):
-        parser.error(f"{args.out}: already exists and is not empty (pass --overwrite to replace it)")
     if args.adapter:
         out = export_merged(args.adapter, args.out, base=args.checkpoint, tokenizer_dir=args.tokenizer,
                             dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size,

@@ -23,6 +23,9 @@ def find_tokenizer_dir(model: str, adapter: str | None, explicit: str | None) ->
     """--tokenizer, else the one that goes with the adapter, else with the model (see trainer.run_folder)."""
     from trainer.run_folder import resolve
 
+    for name, path in (("--model", model), ("--adapter", adapter), ("--tokenizer", explicit)):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{name} {path}: no such file or folder")
     if explicit:
         return Path(explicit)
     for path in ([adapter] if adapter else []) + [model]:
@@ -30,6 +33,14 @@ def find_tokenizer_dir(model: str, adapter: str | None, explicit: str | None) ->
         if found is not None:
             return found
     raise FileNotFoundError(f"{model}: no tokenizer found beside the model; pass --tokenizer")
+
+
+def check_tokenizer_fits_model(tokenizer, model) -> None:
+    """A tokenizer with more ids than the model's embedding would index past it mid-generation."""
+    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "base_model", None), "cfg", None)
+    if cfg is not None and len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but the model's vocabulary "
+                         f"is {cfg.vocab_size}: it is not this model's tokenizer (pass the right --tokenizer)")
 
 
 def read_prompts(args) -> list[str | list[dict]]:
@@ -42,17 +53,26 @@ def read_prompts(args) -> list[str | list[dict]]:
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object with 'prompt' or 'messages'")
                 if "messages" in row:  # a chat: generate the next assistant turn after its non-assistant prefix
                     msgs = row["messages"]
+                    if not isinstance(msgs, list) or not all(
+                            isinstance(m, dict) and isinstance(m.get("role"), str)
+                            and isinstance(m.get("content"), str) for m in msgs):
+                        raise ValueError(f"{path}:{lineno}: 'messages' must be a list of {{role, content}} strings")
                     cut = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i]["role"] != "assistant"), None)
                     if cut is None:
                         raise ValueError(f"{path}:{lineno}: messages hold no user turn")
                     prompts.append(msgs[:cut + 1])
-                elif "prompt" in row:
+                elif isinstance(row.get("prompt"), str):
                     prompts.append(row["prompt"])
                 else:
-                    raise ValueError(f"{path}:{lineno}: expected a 'prompt' or 'messages' field")
+                    raise ValueError(f"{path}:{lineno}: expected a string 'prompt' or a 'messages' field")
             else:
                 prompts.append(line)
             if args.limit is not None and len(prompts) >= args.limit:
@@ -118,6 +138,7 @@ def main() -> int:
     if not args.raw:
         ensure_chat_template(tokenizer, args.chat_template)
     model = load_model(args.model, args.adapter)
+    check_tokenizer_fits_model(tokenizer, model)
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = left_pad([encode(tokenizer, p, args.system, args.raw) for p in prompts], pad_id)

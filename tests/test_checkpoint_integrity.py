@@ -164,6 +164,29 @@ def test_finished_run_resumed_again_says_so_and_builds_nothing(corpus, run_copy)
     assert (run_copy / "metrics.jsonl").read_text() == metrics_before
 
 
+
+def test_resume_into_another_shape_and_init_from_a_bin_folder_are_one_line(corpus, run_copy, tmp_path):
+    proc = pretrain(corpus, run_copy, "train.max_steps=6", "model.n_layers=3", "--resume", "auto")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    [line] = error_lines(proc)
+    assert "step_00000004: another model shape (n_layers 2 there, 3 here)" in line
+
+    from model_defs import ModelConfig, Transformer
+    from model_defs.hf import save_hf_model
+
+    hf = save_hf_model(Transformer(ModelConfig.from_preset("tiny")), ModelConfig.from_preset("tiny"), tmp_path / "hf")
+    from safetensors.torch import load_file
+
+    torch.save(load_file(hf / "model.safetensors"), hf / "pytorch_model.bin")
+    (hf / "model.safetensors").unlink()
+    fresh = tmp_path / "fresh"
+    proc = pretrain(corpus, fresh, f"model.init_from={hf}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and len(error_lines(proc)) == 1
+    assert "no model.safetensors" in error_lines(proc)[0] and "only safetensors" in error_lines(proc)[0]
+    assert not fresh.exists(), "a run that never started leaves no folder"
+
 # --- files are data, not code ---------------------------------------------------------------
 
 class _Payload:

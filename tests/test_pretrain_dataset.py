@@ -198,3 +198,25 @@ def test_missing_or_truncated_shards_are_named(data, tmp_path):
         f.truncate(10)
     with pytest.raises(ValueError, match=r"shard_00001.bin: 10 bytes, but index.json says"):
         TokenShards(copy_dir)
+
+
+def test_token_ids_past_the_vocabulary_and_pickled_offsets_are_named(data, shards, tmp_path):
+    import shutil
+
+    from trainer.data.shard_format import shard_names
+
+    copy_dir = tmp_path / "train"
+    shutil.copytree(data["folder"], copy_dir)
+    tokens = np.memmap(copy_dir / shard_names(0)[0], dtype=shards.dtype, mode="r+")
+    tokens[5] = shards.max_token_id + 7
+    tokens.flush()
+    damaged = TokenShards(copy_dir)
+    assert damaged.read(6, 20).tolist() == shards.read(6, 20).tolist()  # what is read is checked, nothing else
+    with pytest.raises(ValueError, match=rf"{shard_names(0)[0]}: token 5 is id {shards.max_token_id + 7}, beyond "
+                                         rf"the largest id index.json allows \({shards.max_token_id}\)"):
+        damaged.read(0, 20)
+
+    offsets = copy_dir / shard_names(1)[1]
+    np.save(offsets, np.array([{"not": "offsets"}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=rf"{shard_names(1)[1]}: not a numpy array of document offsets"):
+        TokenShards(copy_dir)

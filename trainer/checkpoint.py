@@ -23,8 +23,26 @@ import xxhash
 from accelerate import Accelerator
 
 from trainer.atomic import commit_directory, staging_path
-from trainer.run_folder import (COMPLETE_MARKER, STEP_PREFIX, checkpoints_root, complete_checkpoints,
-                                find_checkpoint, step_of)
+from trainer.portable import (
+    Topology,
+    TrainingParts,
+    check_resumable,
+    gather_state,
+    load_portable,
+    needs_portable,
+    resume_note,
+    saved_topology,
+    write_portable,
+    write_topology,
+)
+from trainer.run_folder import (
+    COMPLETE_MARKER,
+    STEP_PREFIX,
+    checkpoints_root,
+    complete_checkpoints,
+    find_checkpoint,
+    step_of,
+)
 from trainer.safe_load import checkpoint_loading, safe_torch_load
 
 TRAINER_STATE = "trainer_state.json"
@@ -158,6 +176,28 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
         raise DamagedCheckpoint(f"--resume {checkpoint}: damaged checkpoint: {err}") from None
 
 
+# What fixes the shape of every saved tensor; the rest (attention kernel, recomputation, max length)
+# may change between runs.
+_SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "multiple_of",
+               "ffn_dim_multiplier", "tie_embeddings")
+
+
+def check_same_model(checkpoint: str | Path, model_config: dict[str, Any]) -> None:
+    """Refuse, naming the key, a checkpoint of another model shape before anything is loaded into it."""
+    path = Path(checkpoint) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        raise ValueError(f"{path}: not valid JSON") from None
+    differ = [f"{k} {saved.get(k)!r} there, {model_config.get(k)!r} here" for k in _SHAPE_KEYS
+              if k in saved and k in model_config and saved[k] != model_config[k]]
+    if differ:
+        raise ValueError(f"--resume {checkpoint}: another model shape ({'; '.join(differ)}); resume with the model "
+                         "that wrote it, or start a new run from it with model.init_from")
+
+
 def check_not_finished(resume: str | None, output_dir: str | Path, max_steps: int) -> None:
     """Raise AlreadyFinished for `--resume auto` on a run that reached `max_steps` (COMPLETED and a
     checkpoint at that step), before any data, process group or model is built."""
@@ -184,8 +224,11 @@ def save_checkpoint(
     config_yaml: str,
     keep_last: int,
     extra_files: dict[str, str] | None = None,
+    parts: TrainingParts | None = None,
+    portable: bool = True,
 ) -> Path:
-    """Every rank calls this; DeepSpeed writes each rank's shards into the shared temp folder."""
+    """Every rank calls this; DeepSpeed writes each rank's shards into the shared temp folder.
+    With `parts` and `portable`, the portable state goes beside them (trainer.portable)."""
     final = checkpoints_root(output_dir) / f"{STEP_PREFIX}{step:08d}"
     # Not atomic_directory: every rank writes its own shards into the folder, so its name must be
     # one each rank computes alike, and only rank 0 commits it.
@@ -195,8 +238,14 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    portable_state = (gather_state(parts, keep=accelerator.is_main_process)
+                      if parts is not None and portable else None)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if portable_state is not None:
+            write_portable(tmp, *portable_state)
+        if parts is not None:
+            write_topology(tmp, Topology(accelerator.num_processes, parts.zero_stage, portable_state is not None))
         _fsync_write(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
         _fsync_write(tmp / "config.yaml", config_yaml)
         for name, text in (extra_files or {}).items():
@@ -211,11 +260,20 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any]:
+def load_checkpoint(accelerator: Accelerator, path: str | Path, parts: TrainingParts | None = None) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG on every rank; return the trainer state.
 
-    Every file is read with weights_only=True (trainer.safe_load)."""
+    A checkpoint written by another world size or ZeRO stage is restored from its portable state
+    (given `parts`); every file is read with weights_only=True (trainer.safe_load)."""
     path = Path(path)
+    saved = saved_topology(path)
+    if parts is not None:
+        now = Topology(accelerator.num_processes, parts.zero_stage, True)
+        check_resumable(path, saved, now)
+        if needs_portable(saved, now):
+            _say(resume_note(saved, now))
+            load_portable(path, parts)
+            return _trainer_state(path)
     check_latest(path)
     rng = path / f"random_states_{accelerator.process_index}.pkl"
     # Accelerate swallows any failure to restore the RNG, a missing file included (an info-level
@@ -227,7 +285,19 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any
                          f"exact: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     with checkpoint_loading():
         accelerator.load_state(str(path))
-    return json.loads((path / TRAINER_STATE).read_text())
+    return _trainer_state(path)
+
+
+def _trainer_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable trainer state ({str(err).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        # A damaged file is bad input (one line, exit 2), not a type error in the code.
+        raise ValueError(f"{path}: not the trainer state this trainer writes (no integer 'step')")  # noqa: TRY004
+    return state
 
 
 def check_latest(checkpoint: str | Path) -> str | None:

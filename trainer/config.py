@@ -119,6 +119,8 @@ class CheckpointSection(Section):
 
     every: int = Field(0, ge=0, description="save every N steps (0 = only at the end)")
     keep_last: int = Field(3, gt=0)
+    portable: bool = Field(True, description="also write the unsharded state (weights, AdamW moments, schedule) "
+                                             "that resumes on another world size or ZeRO stage")
 
 
 class LoggingSection(Section):

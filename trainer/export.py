@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from transformers import GenerationConfig
 
 from model_defs import ModelConfig, Transformer
-from model_defs.hf import config_from_hf, load_hf_model, save_hf_model
-from trainer.atomic import atomic_directory, refuse_occupied
+from model_defs.hf import _SAVED_FILE, config_from_hf, load_hf_model, save_hf_model
+from trainer.atomic import atomic_directory, is_occupied
 from trainer.checkpoint import MODEL_CONFIG_FILE, check_latest
 from trainer.tuning.prompt_tuning import load_prompt_tuned
 from trainer.run_folder import COMPLETE_MARKER, find_checkpoint, is_checkpoint, model_source, resolve
@@ -96,7 +96,17 @@ def load_pretrained(path: str | Path, **overrides) -> Transformer:
         return load_hf_model(path, **overrides)
     cfg = source_model_config(path, **overrides)
     model = Transformer(cfg)
-    model.load_state_dict(with_tied_head(consolidated_state_dict(path), cfg), strict=True)
+    state = consolidated_state_dict(path)
+    if any(".lora_" in k or k.startswith("base_model.model.") for k in state):
+        run = path.parent.parent
+        raise ValueError(f"{path}: a LoRA/QLoRA run's checkpoint (base and adapter apart), not a model: merge the "
+                         f"adapter first (python launch/export_hf.py --adapter {run / 'adapter'} MERGED) and use "
+                         "MERGED as the model")
+    try:
+        model.load_state_dict(with_tied_head(state, cfg), strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split("\n", 2)[1:2]).strip() or str(err).splitlines()[0]
+        raise ValueError(f"{path}: weights do not fit its {MODEL_CONFIG_FILE} ({detail})") from None
     return model
 
 
@@ -110,6 +120,37 @@ def load_model(path: str | Path, adapter: str | Path | None = None):
     if paths.adapter is not None:
         return load_with_adapter(paths.adapter)
     return load_pretrained(paths.model if paths.is_run and paths.model is not None else path)
+
+
+def is_previous_export(folder: Path) -> bool:
+    """A folder holding only what an export writes (config, safetensors, tokenizer files): replacing
+    it loses nothing another export would not write again."""
+    if folder.is_symlink() or not folder.is_dir() or not (folder / "config.json").is_file():
+        return False
+    entries = list(folder.iterdir())
+    return (any(_SAVED_FILE.fullmatch(p.name) and p.suffix == ".safetensors" for p in entries)
+            and all(p.is_file() and not p.is_symlink() and (_SAVED_FILE.fullmatch(p.name) or p.name in TOKENIZER_FILES)
+                    for p in entries))
+
+
+def check_export_target(out_dir: str | Path, sources: list[str | Path], overwrite: bool) -> None:
+    """Before any work: an export never goes where it would swallow its own source or the current
+    directory (with --overwrite, replacing them would delete them), and replaces only an earlier export."""
+    out = Path(out_dir).resolve()
+    protected = [(Path.cwd().resolve(), "the current directory")]
+    protected += [(Path(s).resolve(), f"the source {s}") for s in sources if s is not None]
+    for path, what in protected:
+        if out == path or out in path.parents:
+            raise ValueError(f"{out_dir}: is or contains {what}; choose an output folder outside it")
+    if not is_occupied(out_dir):
+        return
+    if not overwrite:
+        raise ValueError(f"{out_dir}: already exists and is not an empty folder; refusing to replace it "
+                         "(--overwrite replaces an earlier export)")
+    if not is_previous_export(Path(out_dir)):
+        raise ValueError(f"{out_dir}: holds files an export does not write; refusing to replace it even with "
+                         "--overwrite (it replaces only an earlier export: config.json, model safetensors, "
+                         "tokenizer files)")
 
 
 def copy_tokenizer(tokenizer_dir: str | Path, out_dir: str | Path) -> None:
@@ -128,7 +169,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir
     config + the run's tokenizer unless `tokenizer_dir` names another); an existing non-empty
     `out_dir` is replaced only with `overwrite`."""
     paths = resolve(find_checkpoint(checkpoint))
-    refuse_occupied(out_dir, overwrite)  # before gathering the shards, which may take minutes
+    # Before gathering the shards, which may take minutes.
+    check_export_target(out_dir, [checkpoint, paths.checkpoint, tokenizer_dir], overwrite)
     cfg = checkpoint_model_config(paths.checkpoint)
     state = with_tied_head(consolidated_state_dict(paths.checkpoint), cfg)
     return write_hf_folder(state, cfg, out_dir, tokenizer_dir or paths.tokenizer,
@@ -190,7 +232,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path
                   tokenizer_dir: str | Path | None = None, dtype: torch.dtype | None = None,
                   max_shard_size: str | None = None, overwrite: bool = False) -> Path:
     """Merge a LoRA/QLoRA adapter into its base and write a plain HF Llama folder (with the adapter's tokenizer)."""
-    refuse_occupied(out_dir, overwrite)
+    check_export_target(out_dir, [adapter_dir, base, tokenizer_dir], overwrite)
     model = load_with_adapter(adapter_dir, base=base, merge=True)
     if not isinstance(model, Transformer):
         raise ValueError(f"{adapter_dir}: a prompt-tuning adapter has no weights to merge; load it with peft instead")

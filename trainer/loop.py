@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 import torch
 from accelerate import Accelerator
@@ -17,9 +18,12 @@ from torch import nn
 
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import RunConfig
+from trainer.engine import zero_stage
 from trainer.metrics import RunLogger, device_peak_tflops
 from trainer.objectives import Objective, count_label_tokens
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.portable import TrainingParts
+from trainer.run_folder import COMPLETE_MARKER, STEP_PREFIX, checkpoints_root
 from trainer.signals import StopRequest
 
 
@@ -152,12 +156,14 @@ def train(
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
     # Accelerate's DeepSpeed wrapper makes scheduler.step() a no-op and DeepSpeed only steps its own
     # schedule types, so the loop steps the raw LambdaLR itself once per optimizer step.
-    raw_scheduler = scheduler
+    raw_scheduler, raw_optimizer = scheduler, optimizer
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # What the portable state (another world size or ZeRO stage) is gathered from and loaded into.
+    parts = TrainingParts(model, raw_optimizer, raw_scheduler, zero_stage(accelerator))
 
     state = TrainState()
     if resume_from is not None:
-        state = TrainState(**load_checkpoint(accelerator, resume_from))
+        state = TrainState(**load_checkpoint(accelerator, resume_from, parts))
         train_loader.load_state_dict(state.loader)
 
     logger = RunLogger(out_dir, enabled=accelerator.is_main_process, max_steps=tcfg.max_steps,
@@ -171,7 +177,8 @@ def train(
     def checkpoint() -> Path:
         state.loader = train_loader.state_dict()
         return save_checkpoint(accelerator, out_dir, state.step, asdict(state), config_yaml,
-                               cfg.checkpoint.keep_last, extra_files=checkpoint_files)
+                               cfg.checkpoint.keep_last, extra_files=checkpoint_files, parts=parts,
+                               portable=cfg.checkpoint.portable)
 
     batches = iter(train_loader)
     last_eval: dict[str, float] = {}
@@ -286,6 +293,11 @@ def train(
                 logger.print(f"{stop_signal}: checkpoint saved at step {state.step} ({final_checkpoint}); exiting")
                 break
 
+    if (stop_signal is None and final_checkpoint is None and resume_from is not None
+            and not (checkpoints_root(out_dir) / f"{STEP_PREFIX}{state.step:08d}" / COMPLETE_MARKER).is_file()):
+        # Resumed at max_steps into another folder: nothing to train, so the run's one product is the
+        # checkpoint in this process layout (how a checkpoint is re-sharded for another world size).
+        final_checkpoint = checkpoint()
     logger.close()
     if stop_signal is None and accelerator.is_main_process:
         (out_dir / "COMPLETED").write_text(f"step {state.step}\n")

@@ -12,6 +12,7 @@ A Hub id (`owner/name`, not a local path) stands for its snapshot in huggingface
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,3 +156,15 @@ def _configured_tokenizer(config: Path) -> Path | None:
         return None
     tokenizer = ((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("tokenizer")
     return Path(tokenizer) if tokenizer else None
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """`train.output_dir` must be a folder this process can create and write, found out before any work."""
+    path = Path(output_dir)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"train.output_dir: {path} is a file, not a folder")
+    if existing is not None and existing != path and not existing.is_dir():
+        raise ValueError(f"train.output_dir: {existing} is a file, so {path} cannot be created")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"train.output_dir: {existing} is not writable")

@@ -26,13 +26,13 @@ from torch import nn
 
 from model_defs import ModelConfig, flops_per_token
 from trainer.build import build_model, model_config_from
-from trainer.checkpoint import MODEL_CONFIG_FILE, resolve_resume
+from trainer.checkpoint import MODEL_CONFIG_FILE, check_same_model, resolve_resume
 from trainer.config import ConfigError, RunConfig, save_resolved
 from trainer.engine import build_accelerator, resolve_precision, zero_stage
 from trainer.hub import is_hub_id
 from trainer.loop import EvalReport, RunResult, StatefulLoader, train
 from trainer.objectives import Objective, count_label_tokens
-from trainer.run_folder import model_source
+from trainer.run_folder import check_output_dir, model_source
 from trainer.tuning.config import TuningSection
 from trainer.tuning.methods import PRECISION_DTYPES, apply_method, check_method_supported, trainable_summary
 from trainer.tuning.save import save_run_outputs
@@ -137,6 +137,7 @@ def run_task(cfg: RunConfig, spec: TaskSpec, resume: str | None = None) -> RunRe
     if problems:
         raise ConfigError("\n".join(problems))
     tuning = tuning_of(cfg, spec)
+    check_output_dir(cfg.train.output_dir)
     precision = resolve_precision(cfg.train.precision)
     data = spec.load_data(cfg)
     model_cfg = model_config_from(cfg, data_vocab_size=data.data_vocab_size)
@@ -151,12 +152,11 @@ def run_task(cfg: RunConfig, spec: TaskSpec, resume: str | None = None) -> RunRe
         check_method_supported(tuning, key=spec.tuning_section, deepspeed_stage=zero_stage(accelerator),
                                cuda=torch.cuda.is_available())
     resume_from = resolve_resume(resume, cfg.train.output_dir)
+    if resume_from is not None:
+        check_same_model(resume_from, model_cfg.to_dict())
     out_dir = Path(cfg.train.output_dir)
     ctx = TaskContext(cfg=cfg, precision=precision, model_cfg=model_cfg, accelerator=accelerator, data=data)
     if accelerator.is_main_process:
-        save_resolved(cfg, out_dir)
-        if data.tokenizer is not None:
-            data.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
         stage = zero_stage(accelerator)
         parts = [spec.name, f"precision {precision}", f"attention {model_cfg.attention}",
                  f"world size {accelerator.num_processes}",
@@ -179,6 +179,12 @@ def run_task(cfg: RunConfig, spec: TaskSpec, resume: str | None = None) -> RunRe
     if cfg.train.compile:
         model = torch.compile(model)
     task = spec.build(ctx, model)
+    # Only now, with data, model and task built: a run that failed before this leaves no folder
+    # holding only a config.
+    if accelerator.is_main_process:
+        save_resolved(cfg, out_dir)
+        if data.tokenizer is not None:
+            data.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
 
     frozen_base = tuning is not None and tuning.method != "full"
     factor = (FROZEN_BASE_FLOPS_FACTOR if frozen_base else 1.0) + task.extra_flops_factor

@@ -34,7 +34,7 @@ class TokenShards:
                                  f"{self.dtype.name} tokens ({expected} bytes)")
             self._arrays.append(np.memmap(path, dtype=self.dtype, mode="r") if expected else
                                 np.zeros(0, self.dtype))
-            doc_offsets = np.load(self.folder / shard["doc_index"])
+            doc_offsets = _load_offsets(self.folder / shard["doc_index"])
             if len(doc_offsets) != int(shard["documents"]) or (len(doc_offsets) and doc_offsets[0] != 0):
                 raise ValueError(f"{self.folder / shard['doc_index']}: {len(doc_offsets)} document offsets, "
                                  f"index.json says {shard['documents']} documents starting at 0")
@@ -67,7 +67,15 @@ class TokenShards:
         while pos < stop:
             base = int(self._offsets[shard])
             end = min(stop, int(self._offsets[shard + 1]))
-            out[pos - start:end - start] = self._arrays[shard][pos - base:end - base]
+            part = self._arrays[shard][pos - base:end - base]
+            # Cheap next to the forward, and an id past the vocabulary would otherwise be an IndexError
+            # (or a device assert) deep in the embedding, naming no file.
+            if len(part) and int(part.max()) > self.max_token_id:
+                at = pos - base + int(np.argmax(part > self.max_token_id))
+                raise ValueError(f"{self.folder / self.index['shards'][shard]['file']}: token {at} is id "
+                                 f"{int(part[at - pos + base])}, beyond the largest id index.json allows "
+                                 f"({self.max_token_id}): the shard is damaged or not from this tokenizer")
+            out[pos - start:end - start] = part
             pos = end
             shard += 1
         return out
@@ -75,6 +83,19 @@ class TokenShards:
     def document_of(self, positions: np.ndarray) -> np.ndarray:
         """Global document index of each token position."""
         return np.searchsorted(self.doc_starts, positions, side="right") - 1
+
+
+def _load_offsets(path: Path) -> np.ndarray:
+    """A shard's document offsets: a plain integer array (never a pickle)."""
+    try:
+        offsets = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: document index listed in index.json is missing") from None
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a numpy array of document offsets ({str(err).splitlines()[0]})") from None
+    if not isinstance(offsets, np.ndarray) or offsets.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer):
+        raise ValueError(f"{path}: not a 1-D integer array of document offsets")
+    return offsets
 
 
 def check_tokenizer_matches(

@@ -207,6 +207,10 @@ def row_conversations(row: Any, fmt: str = "auto") -> tuple[str, list[list[Messa
         raise ChatFormatError(f"unknown format '{fmt}' (choose auto, {', '.join(FORMATS)})")
     for conv in convs:
         validate_messages(conv)
+        # An empty reply still renders its end-of-turn token: the model would learn to say nothing.
+        empty = [i for i, m in enumerate(conv) if m["role"] == "assistant" and not m["content"].strip()]
+        if empty:
+            raise ChatFormatError(f"assistant message {empty[0]} is empty: nothing to learn from it")
     return fmt, convs
 
 
