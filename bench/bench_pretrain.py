@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="model vocabulary (default: the tokenizer's 2048, padded); e.g. 128256 for Llama-3's")
+    p.add_argument("--documents", type=int, default=4000, help="demo-corpus documents to tokenize")
     p.add_argument("--only", nargs="*", choices=tuple(SIDES), default=None, help="contenders (default: all)")
     add_round_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads in each run")
@@ -65,12 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_data(root: Path) -> Path:
+def make_data(root: Path, documents: int = 4000) -> Path:
     from trainer.data.demo_corpus import make_world, pretrain_documents
     from trainer.data.prepare import prepare_data
     from trainer.data.tokenizer import train_tokenizer
 
-    texts = pretrain_documents(make_world(seed=0), 4000, random.Random(0))
+    texts = pretrain_documents(make_world(seed=0), documents, random.Random(0))
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     train_tokenizer([corpus], root / "tokenizer", kind="bpe", vocab_size=2048)
@@ -193,7 +194,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         console.print("preparing data ...")
-        data = make_data(tmp)
+        data = make_data(tmp, args.documents)
         counter = [0]
         per_round, failed = run_rounds(
             sides, lambda side: spawn(args, data, tmp, side, counter), args.rounds,
