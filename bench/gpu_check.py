@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.common import write_json  # noqa: E402
+from bench.common import write_json
 
 STAGES = ("tests", "model", "pretrain", "sft", "dpo")
 # Published MFU of 1B-class pretraining for comparison (bf16): llm-foundry's table for a 1B model on H100
@@ -59,8 +59,8 @@ def gpu_test_files() -> list[str]:
 
 def stages(dry_run: bool, out: Path, rounds: int) -> list[Stage]:
     py = sys.executable
-    bench = lambda name: str(REPO_ROOT / "bench" / f"bench_{name}.py")  # noqa: E731
-    js = lambda name: ["--json", str(out / f"{name}.json")]  # noqa: E731
+    bench = lambda name: str(REPO_ROOT / "bench" / f"bench_{name}.py")
+    js = lambda name: ["--json", str(out / f"{name}.json")]
     tests = Stage("tests", [py, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider",
                             f"--junitxml={out / 'tests.xml'}", *gpu_test_files()], 120)
     if dry_run:
@@ -113,7 +113,7 @@ def environment() -> dict:
             continue
         try:
             versions[name] = getattr(__import__(name), "__version__", "unknown")
-        except Exception as err:  # a broken install (e.g. a wheel built for another CUDA) is reported, not fatal
+        except Exception as err:  # noqa: BLE001 - a broken install (e.g. a wheel built for another CUDA) is reported, not fatal
             versions[name] = f"import failed: {type(err).__name__}: {str(err)[:200]}"
     import torch
 

@@ -7,7 +7,13 @@ import json
 import pytest
 
 from bench import gpu_check
-from bench.common import contender_spreads, finish, load_summary, round_ratio, run_rounds
+from bench.common import (
+    contender_spreads,
+    finish,
+    load_summary,
+    round_ratio,
+    run_rounds,
+)
 from tests.pretrain_run import REPO_ROOT, run
 
 
@@ -48,7 +54,7 @@ def test_a_failed_contender_is_not_rerun_and_fails_the_bench():
 
 
 def test_gpu_check_figures_and_goal_from_bench_json(tmp_path):
-    spread = lambda v: {"median": v, "min": v, "max": v, "n": 1}  # noqa: E731
+    spread = lambda v: {"median": v, "min": v, "max": v, "n": 1}
     pretrain = {"contenders": {"ours": {"tokens_per_s": spread(900.0), "mfu": spread(0.55), "peak_gb": spread(30.0),
                                         "load1": spread(0.1), "load1_max": 0.2},
                                "hf": {"tokens_per_s": spread(600.0), "mfu": spread(0.37), "peak_gb": spread(35.0),

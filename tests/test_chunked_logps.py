@@ -232,6 +232,7 @@ def test_ce_sum_without_cuda_is_the_chunked_sum():
     torch.testing.assert_close(label_ce_sum(h, labels, head, "on", chunk_tokens=3), want, **TOL)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernel needs CUDA")
 def test_liger_sum_matches_the_plain_path_on_cuda(monkeypatch):
     pytest.importorskip("liger_kernel")
