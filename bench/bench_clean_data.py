@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import LoadSampler  # noqa: E402
 from datapipe import run_pipeline, validate_config  # noqa: E402
 from datapipe.synthetic import eval_set, web_corpus  # noqa: E402
 
@@ -48,12 +49,14 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--recipe", default="web", choices=["web", "code"])
-    parser.add_argument("--out", default="/tmp/bench_clean_data")
+    parser.add_argument("--out", default=None, help="a new or empty folder (default: a fresh temporary one)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    root = Path(args.out)
-    shutil.rmtree(root, ignore_errors=True)
+    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()):
+        # Never delete what this run did not create.
+        raise SystemExit(f"error: {args.out} is not empty; give a new --out")
+    root = Path(args.out or tempfile.mkdtemp(prefix="bench_clean_data-"))
     n_docs, n_bytes = make_corpus(root, args.docs, args.files, args.seed)
     cfg = validate_config({
         "recipe": args.recipe, "input": {"path": str(root / "raw")}, "output": {"path": str(root / "out")},
@@ -61,11 +64,14 @@ def main() -> int:
         "step_params": {"decontaminate": {"eval_files": [str(root / "evals.jsonl")]}} if args.recipe == "web" else {},
     })
     start = time.perf_counter()
-    report = run_pipeline(cfg)
+    with LoadSampler() as load:
+        report = run_pipeline(cfg)
     wall = time.perf_counter() - start
+    load = load.summary()
 
     table = Table(title=f"{args.recipe} recipe: {n_docs:,} docs, {n_bytes / 1e6:.1f} MB, {args.files} files, "
-                        f"{args.workers} workers, {os.cpu_count()} CPUs")
+                        f"{args.workers} workers, {os.cpu_count()} CPUs, load (1 min) {load['load1_median']:.1f} "
+                        f"(max {load['load1_max']:.1f})")
     for col in ("step", "docs in", "docs out", "core-s", "docs/s/core", "MB/s/core"):
         table.add_column(col, justify="left" if col == "step" else "right")
     rows = []
@@ -82,7 +88,7 @@ def main() -> int:
     table.add_row("[b]whole run (wall)[/b]", f"{n_docs:,}", f"{report['output']['docs']:,}", f"{wall:.2f}",
                   f"{whole['docs_per_s']:,.0f}", f"{whole['mb_per_s']:.2f}")
     Console().print(table)
-    (root / "bench.json").write_text(json.dumps({"args": vars(args), "steps": rows, "whole": whole}, indent=2))
+    (root / "bench.json").write_text(json.dumps({"args": vars(args), "steps": rows, "whole": whole, "load": load}, indent=2))
     return 0
 
 
