@@ -58,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch threads per contender (CPU)")
+    p.add_argument("--timer", choices=("wall", "cpu"), default="wall",
+                   help="wall clock, or each process's CPU time (steady on a busy machine with --threads 1)")
     p.add_argument("--only", nargs="*", choices=CONTENDERS, default=list(CONTENDERS))
     add_round_args(p)
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
@@ -102,15 +104,18 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
 
 
 class RealTokenMeter:
-    """Forward pre-hook: the time each training forward starts and the non-padding tokens it reads."""
+    """Forward pre-hook: the time each training forward starts and the non-padding tokens it reads. `timer="cpu"`
+    reads this process's CPU time instead of the wall clock: with one thread, other processes' load on a shared
+    machine does not inflate it."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, timer: str = "wall"):
         self.pad_id, self.events = pad_id, []
+        self.clock = time.process_time if timer == "cpu" else time.perf_counter
 
     def __call__(self, module, args, kwargs):
         ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
         if module.training and ids is not None:
-            self.events.append((time.perf_counter(), int((ids != self.pad_id).sum())))
+            self.events.append((self.clock(), int((ids != self.pad_id).sum())))
 
     def throughput(self, warmup: int) -> tuple[float, int]:
         """Real tokens/s over steps [warmup, last): forward start of step `warmup` to forward start of the last."""
@@ -163,7 +168,7 @@ def run_ours(args: argparse.Namespace, work: Path, packing: bool) -> dict:
     accelerator = build_accelerator(cfg, hidden_size=model_dim(args), precision=args.precision)
     set_seed(0)
     base = load_pretrained(cfg.model.init_from)
-    meter = RealTokenMeter(tokenizer.pad_token_id)
+    meter = RealTokenMeter(tokenizer.pad_token_id, args.timer)
     base.register_forward_pre_hook(meter, with_kwargs=True)
     model = apply_method(base, cfg.sft, key="sft")
     loader = SFTLoader(examples, batch_size=args.batch_size, seq_len=args.seq_len, pad_id=tokenizer.pad_token_id,
@@ -192,7 +197,7 @@ def run_trl(args: argparse.Namespace, work: Path, packing: bool) -> dict:
     dataset = datasets.Dataset.from_list(rows)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model = LlamaForCausalLM.from_pretrained(work / "base", attn_implementation="sdpa", dtype=torch.float32)
-    meter = RealTokenMeter(tokenizer.pad_token_id)
+    meter = RealTokenMeter(tokenizer.pad_token_id, args.timer)
     model.model.register_forward_pre_hook(meter, with_kwargs=True)
     config = SFTConfig(
         output_dir=str(work / ("trl_packed" if packing else "trl_padded")), max_steps=args.steps,
@@ -272,7 +277,7 @@ def main() -> None:
               for name in per if name.startswith("ours")}
     table = Table(title=f"LoRA SFT, {args.preset or f'dim {args.dim} x {args.layers} layers'}, seq {args.seq_len}, "
                         f"batch {args.batch_size}, {args.steps} steps ({args.warmup} warmup), {args.precision} on "
-                        f"{args.device}, no gradient checkpointing on either side; median [min-max] over "
+                        f"{args.device} ({args.timer} time), no gradient checkpointing on either side; median [min-max] over "
                         f"{args.rounds} rounds")
     for col in ("contender", "real tokens/s", "peak mem GB", "tok/s vs TRL padded", "tok/s vs TRL packed",
                 "mem vs TRL padded", "load (1 min)"):
