@@ -1,4 +1,4 @@
-"""Peak memory and step time of the LM head + cross-entropy: full logits vs chunked with recompute.
+"""Peak memory and step time of the LM head + cross-entropy: full logits vs chunked.
 
 The shape that motivates `train.loss_chunking`: a Llama-3 vocabulary (128,256) and 4,096 labelled
 tokens, where the full fp32 logits alone are 2.1 GB. One training step is the head's forward,
@@ -6,7 +6,8 @@ the summed cross-entropy and backward into the hidden states and the head weight
 
   plain    `F.cross_entropy(head(h), labels, reduction="sum")`, the logits of every token at once
   chunked  `trainer.token_logps.label_ce_sum(..., "on")`: chunks of 523 tokens (256 MiB of fp32
-           logits), each recomputed in backward
+           logits), each chunk's gradients formed in forward (no recompute; on CUDA with
+           liger-kernel, Liger's fused kernel)
 
 Each contender runs in a child process of its own, in `--rounds` alternating rounds, after an
 untimed small warmup step. Peak memory is the child's peak resident set above what it held just
