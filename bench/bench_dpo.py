@@ -251,7 +251,7 @@ def report(args: argparse.Namespace, per_round: list[dict[str, dict]], failed: d
               for name in per if name in OURS}
     table = Table(title=f"DPO step, {args.preset} + LoRA r={args.lora_r}, {args.batch_pairs} pairs/step, "
                         f"seq <= {args.seq_len}, {where}, no gradient checkpointing on either side; "
-                        f"median [min-max] over {args.rounds} rounds")
+                        f"median \\[min-max] over {args.rounds} rounds")
     for col in ("run", "step ms", "pairs/s", "x TRL pairs/s", "peak MiB", "x SFT peak", "whole run s", "load (1 min)"):
         table.add_column(col, justify="right")
     x = lambda s: fmt_spread(s, digits=2, suffix="x") if s else "-"  # noqa: E731

@@ -172,7 +172,7 @@ def main() -> None:
                   f"vocab={cfg.vocab_size} | batch={args.batch_size} seq={args.seq_len} | device={where} "
                   f"timer={args.timer} | warmup={args.warmup} steps={args.steps} rounds={args.rounds} | "
                   f"torch {torch.__version__}, transformers {transformers.__version__}")
-    table = Table(title="forward+backward throughput, median [min-max] over rounds of each round's median step")
+    table = Table(title="forward+backward throughput, median \\[min-max] over rounds of each round's median step")
     for col in ("mode", "model", "step ms", "tokens/s", "peak TFLOP/s", "MFU %", "peak GB", "ours/HF tokens/s",
                 "load (1 min)", "first loss"):
         table.add_column(col, justify="right")

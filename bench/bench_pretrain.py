@@ -214,7 +214,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({args.threads or 'all'} threads)"
     table = Table(title=f"pretraining, preset {args.preset} ({model_cfg.dim}x{model_cfg.n_layers}, vocab "
                         f"{model_cfg.vocab_size}), batch {args.batch_size} x {args.seq_len}, {args.precision}, "
-                        f"{device}; median [min-max] over {args.rounds} rounds")
+                        f"{device}; median \\[min-max] over {args.rounds} rounds")
     for col in ("", "tokens/s", "MFU %", "peak memory GB", "x HF tokens/s", "x HF memory", "load (1 min)"):
         table.add_column(col, justify="right")
     for side, s in per.items():

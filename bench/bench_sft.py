@@ -277,7 +277,7 @@ def main() -> None:
               for name in per if name.startswith("ours")}
     table = Table(title=f"LoRA SFT, {args.preset or f'dim {args.dim} x {args.layers} layers'}, seq {args.seq_len}, "
                         f"batch {args.batch_size}, {args.steps} steps ({args.warmup} warmup), {args.precision} on "
-                        f"{args.device} ({args.timer} time), no gradient checkpointing on either side; median [min-max] over "
+                        f"{args.device} ({args.timer} time), no gradient checkpointing on either side; median \\[min-max] over "
                         f"{args.rounds} rounds")
     for col in ("contender", "real tokens/s", "peak mem GB", "tok/s vs TRL padded", "tok/s vs TRL packed",
                 "mem vs TRL padded", "load (1 min)"):
