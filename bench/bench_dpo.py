@@ -9,11 +9,13 @@ every library was imported. Step time is the median over the timed steps (warmup
 dropped) of the time from one batch request to the next, i.e. a whole optimizer step (ours:
 the loop's loader is wrapped; TRL: a callback at each step end); `--timer cpu` counts this
 process's CPU time instead of wall time, which other processes' load on a shared machine does
-not inflate (use it with `--threads 1`). Runs go in `--rounds` alternating rounds and each keeps
-its best round.
+not inflate (use it with `--threads 1`). Runs go in `--rounds` rounds alternating their order;
+reported are the median [min-max] over rounds, the ratios taken within each round and the
+machine's load during each run. Neither side uses gradient checkpointing (TRL's default is on;
+turned off here). A run that fails makes the bench exit non-zero.
 
     python bench/bench_dpo.py --threads 1 --timer cpu          # CPU, debug-sized model, shared machine
-    python bench/bench_dpo.py --device cuda --preset 125m --batch-pairs 8 --precision bf16
+    python bench/bench_dpo.py --device cuda --preset llama3.2-1b --seq-len 2048 --max-prompt-len 1024 --precision bf16
 
 Reported: pairs/s and its ratio to TRL's (goal: precompute and adapter >= 1.3x), peak memory
 and its ratio to our SFT run on the same model and rows (goal: precompute and adapter <= 1.1x).
@@ -32,13 +34,21 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import (  # noqa: E402
+    add_round_args,
     clocked,
+    contender_spreads,
     emit_result,
+    finish,
+    fmt_spread,
+    load_summary,
     make_clock,
     peak_bytes,
+    round_ratio,
     rss_bytes,
+    run_rounds,
     run_worker,
     work_folder,
+    write_json,
 )
 
 OURS = ("precompute", "adapter", "offload", "resident")
@@ -57,7 +67,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
     p.add_argument("--steps", type=int, default=12, help="timed steps per run")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds over all runs; best round kept")
+    add_round_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--precision", default="auto", help="fp32 | bf16 | auto (bf16 on GPU, fp32 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
@@ -181,7 +191,9 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict:
                        lr_scheduler_type="cosine",
                        max_length=args.seq_len, beta=0.1, loss_type=["sigmoid"], bf16=bf16,
                        use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no", logging_steps=1,
-                       disable_tqdm=True, dataloader_num_workers=0, seed=0, max_grad_norm=1.0)
+                       disable_tqdm=True, dataloader_num_workers=0, seed=0, max_grad_norm=1.0,
+                       # On by default in TRL's DPOConfig (1.x); ours runs without it, so this side does too.
+                       gradient_checkpointing=False)
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=list(HF_TARGETS),
                       task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
@@ -220,7 +232,7 @@ def spawn(args: argparse.Namespace, name: str) -> dict:
     return run_worker(cmd, name, cwd=REPO_ROOT, env={"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else None)
 
 
-def report(args: argparse.Namespace, best: dict[str, dict]) -> None:
+def report(args: argparse.Namespace, per_round: list[dict[str, dict]], failed: dict[str, str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -230,23 +242,32 @@ def report(args: argparse.Namespace, best: dict[str, dict]) -> None:
     threads = args.threads or torch.get_num_threads()
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({threads} threads)"
     where += f", {args.timer} time"
+    per = contender_spreads(per_round, {"step_s": lambda r: r["step_s"],
+                                        "pairs_per_s": lambda r: args.batch_pairs / r["step_s"],
+                                        "peak_gb": lambda r: r["peak_bytes"] / 2**30,
+                                        "total_s": lambda r: r["total_s"]})
+    ratios = {name: {"throughput_over_trl": round_ratio(per_round, "trl", name, lambda r: r["step_s"]),
+                     "peak_memory_over_sft": round_ratio(per_round, name, "sft", lambda r: r["peak_bytes"])}
+              for name in per if name in OURS}
     table = Table(title=f"DPO step, {args.preset} + LoRA r={args.lora_r}, {args.batch_pairs} pairs/step, "
-                        f"seq <= {args.seq_len}, {where}")
-    for col in ("run", "step ms", "pairs/s", "x TRL pairs/s", "peak MiB", "x SFT peak", "whole run s"):
+                        f"seq <= {args.seq_len}, {where}, no gradient checkpointing on either side; "
+                        f"median \\[min-max] over {args.rounds} rounds")
+    for col in ("run", "step ms", "pairs/s", "x TRL pairs/s", "peak MiB", "x SFT peak", "whole run s", "load (1 min)"):
         table.add_column(col, justify="right")
-    trl_rate = args.batch_pairs / best["trl"]["step_s"] if "trl" in best else None
-    sft_peak = best["sft"]["peak_bytes"] if "sft" in best else None
+    x = lambda s: fmt_spread(s, digits=2, suffix="x") if s else "-"  # noqa: E731
     for name in RUNS:
-        if name not in best:
+        if name not in per:
             continue
-        r = best[name]
-        rate = args.batch_pairs / r["step_s"]
-        table.add_row(name, f"{1000 * r['step_s']:.1f}", f"{rate:.1f}" if name != "sft" else "-",
-                      f"{rate / trl_rate:.2f}" if trl_rate and name in OURS else "-",
-                      f"{r['peak_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / sft_peak:.2f}" if sft_peak else "-",
-                      f"{r['total_s']:.1f}")
-    Console().print(table)
-    print(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"}, "results": best}, indent=1))
+        s, r = per[name], ratios.get(name, {})
+        table.add_row(name, fmt_spread(s["step_s"], 1000), fmt_spread(s["pairs_per_s"]) if name != "sft" else "-",
+                      x(r.get("throughput_over_trl")), fmt_spread(s["peak_gb"], 1024, 0),
+                      x(r.get("peak_memory_over_sft")), fmt_spread(s["total_s"]), fmt_spread(s["load1"], digits=2))
+    Console(width=180).print(table)
+    payload = {"bench": "dpo", "args": {k: v for k, v in vars(args).items() if k not in ("worker", "workdir")},
+               "contenders": per, "ratios": ratios, "load": load_summary(per_round), "rounds": per_round,
+               "failed": sorted(failed)}
+    if args.json:
+        write_json(args.json, payload)
 
 
 def main() -> None:
@@ -261,18 +282,12 @@ def main() -> None:
     work, tmp = work_folder(args.workdir, "bench-dpo-")
     args.workdir = str(work)
     prepare_inputs(args, work)
-    best: dict[str, dict] = {}
-    for round_ in range(args.rounds):
-        order = runs if round_ % 2 == 0 else runs[::-1]
-        for name in order:
-            result = spawn(args, name)
-            print(f"round {round_ + 1} {name}: {1000 * result['step_s']:.1f} ms/step, "
-                  f"peak {result['peak_bytes'] / 2**20:.0f} MiB", flush=True)
-            if name not in best or result["step_s"] < best[name]["step_s"]:
-                best[name] = result
-    report(args, best)
+    per_round, failed = run_rounds(runs, lambda name: spawn(args, name), args.rounds, describe=lambda r: (
+        f"{1000 * r['step_s']:.1f} ms/step, peak {r['peak_bytes'] / 2**20:.0f} MiB"))
+    report(args, per_round, failed)
     if tmp is not None:
         tmp.cleanup()
+    finish(failed)
 
 
 if __name__ == "__main__":

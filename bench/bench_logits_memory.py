@@ -1,4 +1,4 @@
-"""Peak memory and step time of the LM head + cross-entropy: full logits vs chunked with recompute.
+"""Peak memory and step time of the LM head + cross-entropy: full logits vs chunked.
 
 The shape that motivates `train.loss_chunking`: a Llama-3 vocabulary (128,256) and 4,096 labelled
 tokens, where the full fp32 logits alone are 2.1 GB. One training step is the head's forward,
@@ -6,7 +6,8 @@ the summed cross-entropy and backward into the hidden states and the head weight
 
   plain    `F.cross_entropy(head(h), labels, reduction="sum")`, the logits of every token at once
   chunked  `trainer.token_logps.label_ce_sum(..., "on")`: chunks of 523 tokens (256 MiB of fp32
-           logits), each recomputed in backward
+           logits), each chunk's gradients formed in forward (no recompute; on CUDA with
+           liger-kernel, Liger's fused kernel)
 
 Each contender runs in a child process of its own, in `--rounds` alternating rounds, after an
 untimed small warmup step. Peak memory is the child's peak resident set above what it held just
@@ -33,12 +34,17 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import (
+    add_round_args,
     emit_result,
     fmt_spread,
+    load_summary,
     make_clock,
+    round_ratio,
     rss_bytes,
+    run_rounds,
     run_worker,
     spread,
+    write_json,
 )
 
 CONTENDERS = ("plain", "chunked")
@@ -49,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=128_256)
     p.add_argument("--tokens", type=int, default=4096, help="labelled tokens in the micro-batch")
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--rounds", type=int, default=3)
+    add_round_args(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads per child (0: torch's default)")
     p.add_argument("--timer", choices=("wall", "cpu"), default="wall", help="which time the ratio uses")
     p.add_argument("--device", default="cpu")
@@ -113,27 +119,24 @@ def main(argv=None) -> int:
         return 0
     passed = ["--vocab", args.vocab, "--tokens", args.tokens, "--dim", args.dim, "--threads", args.threads,
               "--device", args.device]
-    results = {c: [] for c in CONTENDERS}
-    try:
-        for r in range(args.rounds):
-            order = CONTENDERS if r % 2 == 0 else CONTENDERS[::-1]
-            for name in order:
-                res = run_worker([sys.executable, __file__, "--worker", name, *passed], name, cwd=REPO_ROOT)
-                results[name].append(res)
-                print(f"round {r + 1} {name}: {res['wall_s']:.2f} s wall, {res['cpu_s']:.2f} s cpu, "
-                      f"peak {res['peak_bytes'] / 2**30:.2f} GiB, largest saved "
-                      f"{res['largest_saved_bytes'] / 2**20:.1f} MiB, loss {res['loss']:.4f}", flush=True)
-    except RuntimeError as e:
-        print(e, file=sys.stderr)
+    per_round, failed = run_rounds(
+        list(CONTENDERS), lambda name: run_worker([sys.executable, __file__, "--worker", name, *passed], name,
+                                                  cwd=REPO_ROOT),
+        args.rounds, describe=lambda res: (f"{res['wall_s']:.2f} s wall, {res['cpu_s']:.2f} s cpu, peak "
+                                           f"{res['peak_bytes'] / 2**30:.2f} GiB, largest saved "
+                                           f"{res['largest_saved_bytes'] / 2**20:.1f} MiB, loss {res['loss']:.4f}"))
+    if failed:
+        print(f"error: {', '.join(failed)} failed", file=sys.stderr)
         return 1
+    results = {c: [r[c] for r in per_round] for c in CONTENDERS}
     key = "cpu_s" if args.timer == "cpu" else "wall_s"
     summary = {}
     for name, rs in results.items():
         summary[name] = {k: spread([r[k] for r in rs]) for k in ("wall_s", "cpu_s", "peak_bytes")}
         summary[name]["largest_saved_bytes"] = max(r["largest_saved_bytes"] for r in rs)
-    plain, chunked = summary["plain"], summary["chunked"]
-    mem_ratio = chunked["peak_bytes"]["median"] / plain["peak_bytes"]["median"]
-    time_ratio = chunked[key]["median"] / plain[key]["median"]
+        summary[name]["load1"] = spread([r["load"]["load1_median"] for r in rs])
+    mem_spread = round_ratio(per_round, "chunked", "plain", lambda r: r["peak_bytes"])
+    time_spread = round_ratio(per_round, "chunked", "plain", lambda r: r[key])
     losses = [r["loss"] for rs in results.values() for r in rs]
     print(f"\nvocab {args.vocab}, {args.tokens} tokens, dim {args.dim}, {args.device}, threads "
           f"{args.threads or 'default'}; median [min-max] over {args.rounds} rounds")
@@ -141,10 +144,16 @@ def main(argv=None) -> int:
         s = summary[name]
         print(f"  {name:8s} step {fmt_spread(s['wall_s'], digits=2)} s wall, {fmt_spread(s['cpu_s'], digits=2)} s cpu, "
               f"peak {fmt_spread(s['peak_bytes'], 2**-30, 2)} GiB, largest saved "
-              f"{s['largest_saved_bytes'] / 2**20:.1f} MiB")
-    print(f"  chunked/plain: peak memory {mem_ratio:.2f}x (goal <= 0.5x), step time ({args.timer}) "
-          f"{time_ratio:.2f}x (goal <= 1.1x); loss spread {max(losses) - min(losses):.2e}")
-    print(json.dumps({"summary": summary, "memory_ratio": mem_ratio, "time_ratio": time_ratio}))
+              f"{s['largest_saved_bytes'] / 2**20:.1f} MiB, load {fmt_spread(s['load1'], digits=2)}")
+    print(f"  chunked/plain, per round: peak memory {fmt_spread(mem_spread, digits=2, suffix='x')} (goal <= 0.5x), "
+          f"step time ({args.timer}) {fmt_spread(time_spread, digits=2, suffix='x')} (goal <= 1.1x); loss spread "
+          f"{max(losses) - min(losses):.2e}")
+    payload = {"bench": "logits_memory", "args": {k: v for k, v in vars(args).items() if k != "worker"},
+               "contenders": summary, "memory_ratio": mem_spread, "time_ratio": time_spread,
+               "load": load_summary(per_round), "rounds": per_round}
+    print(json.dumps(payload))
+    if args.json:
+        write_json(args.json, payload)
     return 0
 
 

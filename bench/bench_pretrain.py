@@ -2,21 +2,21 @@
 
 Same shapes (ours converted to an HF LlamaConfig), same token windows, batch, optimizer
 settings and precision. Each side runs in its own fresh process (so peak memory is its
-own), alternating ours/HF `--repeats` times; the best run of each side is reported.
+own), in `--rounds` rounds alternating the order; reported per side are the median
+[min-max] over rounds of tokens/s, MFU and peak memory, per round the ratios ours/HF, and
+the machine's load during every run. A side that fails makes the bench exit non-zero.
 Throughput is wall time between the end of step `--warmup` and the end of the last step,
 measured the same way on both sides (a per-step timestamp).
 
     python bench/bench_pretrain.py                          # debug preset, CPU fp32
-    python bench/bench_pretrain.py --precision bf16 --preset 125m --seq-len 1024   # on a GPU
+    python bench/bench_pretrain.py --precision bf16 --preset llama3.2-1b --seq-len 2048 --vocab-size 128256  # GPU
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +30,19 @@ SIDES = {"ours": "ours (trainer/)", "ours_masked": "ours, document masking", "hf
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.common import (  # noqa: E402
+    add_round_args,
+    contender_spreads,
+    emit_result,
+    finish,
+    fmt_spread,
+    load_summary,
+    round_ratio,
+    run_rounds,
+    run_worker,
+    write_json,
+)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5, help="steps not timed")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="model vocabulary (default: the tokenizer's 2048, padded); e.g. 128256 for Llama-3's")
+    p.add_argument("--documents", type=int, default=4000, help="demo-corpus documents to tokenize")
+    p.add_argument("--only", nargs="*", choices=tuple(SIDES), default=None, help="contenders (default: all)")
+    add_round_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads in each run")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak for MFU (default: known GPUs; on CPU 0.166 TFLOP/s per thread fp32)")
@@ -49,12 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_data(root: Path) -> Path:
+def make_data(root: Path, documents: int = 4000) -> Path:
     from trainer.data.demo_corpus import make_world, pretrain_documents
     from trainer.data.prepare import prepare_data
     from trainer.data.tokenizer import train_tokenizer
 
-    texts = pretrain_documents(make_world(seed=0), 4000, random.Random(0))
+    texts = pretrain_documents(make_world(seed=0), documents, random.Random(0))
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     train_tokenizer([corpus], root / "tokenizer", kind="bpe", vocab_size=2048)
@@ -67,7 +84,8 @@ def overrides(args, data: Path, out: Path) -> list[str]:
             f"model.preset={args.preset}", f"model.max_seq_len={args.seq_len}", f"train.output_dir={out}",
             f"train.max_steps={args.steps}", f"train.micro_batch_size={args.batch_size}",
             f"train.precision={args.precision}", "checkpoint.every=0", "logging.progress=false",
-            "logging.tensorboard=false", "optim.warmup_steps=2"]
+            "logging.tensorboard=false", "optim.warmup_steps=2"] + (
+                [f"model.vocab_size={args.vocab_size}"] if args.vocab_size else [])
 
 
 def peak_memory_gb() -> float:
@@ -146,7 +164,16 @@ def child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_hf(args) if args.side == "hf" else run_ours(args)
-    print("RESULT " + json.dumps(result))
+    emit_result(result)
+
+
+def spawn(args, data: Path, tmp: Path, side: str, index: list[int]) -> dict:
+    index[0] += 1
+    out = tmp / f"{side}-{index[0]}"
+    cmd = [sys.executable, __file__, "--side", side, "--data", str(data), "--out", str(out), *sys.argv[1:]]
+    r = run_worker(cmd, side, cwd=REPO_ROOT, env={"PYTHONPATH": str(REPO_ROOT)})
+    r["tokens_per_s"] = r["steps"] * args.batch_size * args.seq_len / r["elapsed"]
+    return r
 
 
 def main() -> None:
@@ -159,45 +186,52 @@ def main() -> None:
     from model_defs import flops_per_token
     from trainer.build import model_config_from
     from trainer.config import load_config
+    from trainer.data.shards import TokenShards
     from trainer.metrics import device_peak_tflops
 
-    console = Console()
+    console = Console(width=160)
+    sides = args.only or list(SIDES)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         console.print("preparing data ...")
-        data = make_data(tmp)
-        best: dict[str, dict] = {}
-        for repeat in range(args.repeats):
-            for side in SIDES:
-                out = tmp / f"{side}-{repeat}"
-                cmd = [sys.executable, __file__, "--side", side, "--data", str(data), "--out", str(out),
-                       *sys.argv[1:]]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                if proc.returncode != 0 or line is None:
-                    raise SystemExit(f"{side} run failed:\n{proc.stderr[-4000:]}")
-                r = json.loads(line[len("RESULT "):])
-                r["tokens_per_s"] = r["steps"] * args.batch_size * args.seq_len / r["elapsed"]
-                console.print(f"  {side} run {repeat + 1}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gb']:.2f} GB")
-                if side not in best or r["tokens_per_s"] > best[side]["tokens_per_s"]:
-                    best[side] = r
+        data = make_data(tmp, args.documents)
+        counter = [0]
+        per_round, failed = run_rounds(
+            sides, lambda side: spawn(args, data, tmp, side, counter), args.rounds,
+            describe=lambda r: f"{r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gb']:.2f} GB")
         cfg = load_config(None, overrides(args, data, tmp / "x"))
-        from trainer.data.shards import TokenShards
-
         model_cfg = model_config_from(cfg, data_vocab_size=TokenShards(data / "tokens" / "train").vocab_size)
     fpt = flops_per_token(model_cfg, args.seq_len)
     peak = args.peak_tflops or device_peak_tflops(args.precision) or 0.166 * (args.threads or torch.get_num_threads())
-    table = Table(title=f"pretraining, preset {args.preset}, batch {args.batch_size} x {args.seq_len}, "
-                        f"{args.precision}, {'cuda' if torch.cuda.is_available() else 'cpu'}")
-    for col in ("", "tokens/s", "MFU", "peak memory GB"):
+    mfu = lambda r: fpt * r["tokens_per_s"] / (peak * 1e12)  # noqa: E731
+    per = contender_spreads(per_round, {"tokens_per_s": lambda r: r["tokens_per_s"], "mfu": mfu,
+                                        "peak_gb": lambda r: r["peak_gb"]})
+    ratios = {}
+    for side in sides:
+        if side != "hf" and "hf" in sides:
+            ratios[side] = {"throughput": round_ratio(per_round, side, "hf", lambda r: r["tokens_per_s"]),
+                            "peak_memory": round_ratio(per_round, side, "hf", lambda r: r["peak_gb"])}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({args.threads or 'all'} threads)"
+    table = Table(title=f"pretraining, preset {args.preset} ({model_cfg.dim}x{model_cfg.n_layers}, vocab "
+                        f"{model_cfg.vocab_size}), batch {args.batch_size} x {args.seq_len}, {args.precision}, "
+                        f"{device}; median \\[min-max] over {args.rounds} rounds")
+    for col in ("", "tokens/s", "MFU %", "peak memory GB", "x HF tokens/s", "x HF memory", "load (1 min)"):
         table.add_column(col, justify="right")
-    for side, name in SIDES.items():
-        r = best[side]
-        table.add_row(name, f"{r['tokens_per_s']:,.0f}", f"{100 * fpt * r['tokens_per_s'] / (peak * 1e12):.2f}%",
-                      f"{r['peak_gb']:.2f}")
-    table.add_row("ratio ours/HF", f"{best['ours']['tokens_per_s'] / best['hf']['tokens_per_s']:.2f}x", "",
-                  f"{best['ours']['peak_gb'] / best['hf']['peak_gb']:.2f}x")
+    for side, s in per.items():
+        rt = ratios.get(side, {})
+        table.add_row(SIDES[side], fmt_spread(s["tokens_per_s"], digits=0), fmt_spread(s["mfu"], 100, 2),
+                      fmt_spread(s["peak_gb"], digits=2),
+                      fmt_spread(rt["throughput"], digits=2, suffix="x") if rt.get("throughput") else "-",
+                      fmt_spread(rt["peak_memory"], digits=2, suffix="x") if rt.get("peak_memory") else "-",
+                      fmt_spread(s["load1"], digits=2))
     console.print(table)
+    payload = {"bench": "pretrain", "args": {k: v for k, v in vars(args).items() if k not in ("side", "data", "out")},
+               "device": device, "flops_per_token": fpt, "peak_tflops": peak, "model": {"dim": model_cfg.dim, "n_layers": model_cfg.n_layers, "vocab_size": model_cfg.vocab_size},
+               "contenders": per, "ratios_over_hf": ratios, "load": load_summary(per_round), "rounds": per_round,
+               "failed": sorted(failed)}
+    if args.json:
+        write_json(args.json, payload)
+    finish(failed)
 
 
 if __name__ == "__main__":

@@ -43,16 +43,18 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import (  # noqa: E402
-    LoadSampler,
     clocked,
     emit_result,
+    finish,
     fmt_spread,
     make_clock,
     peak_bytes,
     rss_bytes,
+    run_rounds,
     run_worker,
     spread,
     work_folder,
+    write_json,
 )
 
 CONTENDERS = ("ours", "trl")
@@ -303,9 +305,7 @@ def spawn(args: argparse.Namespace, name: str) -> dict:
     env = {"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}
     if args.exact_memory:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    with LoadSampler() as load:
-        result = run_worker(cmd, name, cwd=REPO_ROOT, env=env)
-    return {**result, "load": load.summary()}
+    return run_worker(cmd, name, cwd=REPO_ROOT, env=env)  # run_rounds samples the load around it
 
 
 def summarize(args: argparse.Namespace, rounds: list[dict[str, dict]]) -> dict:
@@ -380,26 +380,17 @@ def main() -> None:
     args.workdir = str(work)
     inputs = prepare_inputs(args, work)
     print(f"inputs: {json.dumps(inputs)}", flush=True)
-    rounds: list[dict[str, dict]] = []
-    for round_ in range(args.rounds):
-        rounds.append({})
-        for name in (args.only if round_ % 2 == 0 else args.only[::-1]):
-            try:
-                result = spawn(args, name)
-            except RuntimeError as err:
-                sys.exit(f"error: {err}")
-            rounds[-1][name] = result
-            print(f"round {round_ + 1} {name}: {1000 * result['step_s']:.0f} ms/step wall, "
-                  f"{1000 * result['cpu_step_s']:.0f} ms/step CPU, "
-                  f"peak {result['peak_bytes'] / 2**20:.0f} MiB, load {result['load']['load1_median']:.2f}",
-                  flush=True)
+    rounds, failed = run_rounds(args.only, lambda name: spawn(args, name), args.rounds, describe=lambda r: (
+        f"{1000 * r['step_s']:.0f} ms/step wall, {1000 * r['cpu_step_s']:.0f} ms/step CPU, "
+        f"peak {r['peak_bytes'] / 2**20:.0f} MiB"))
+    finish(failed)  # the figures below compare both contenders in every round
     summary = summarize(args, rounds)
     report(args, inputs, summary)
     out = {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "workdir")}, "inputs": inputs,
            **summary, "rounds": rounds}
     print(json.dumps(out))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_json(args.json, out)
     if tmp is not None:
         tmp.cleanup()
 

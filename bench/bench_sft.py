@@ -4,10 +4,14 @@
 Every contender runs in its own child process (so peak memory is its own) on the same HF Llama
 folder and the same examples. Real tokens are the non-padding tokens the model reads, counted
 by a forward pre-hook on the innermost model in every contender alike; throughput is the real
-tokens of the steps after warmup over their wall time. Reported as ratios to TRL.
+tokens of the steps after warmup over their wall time. Contenders run in `--rounds` rounds that
+alternate their order; reported per contender are the median [min-max] over rounds, the ratios
+to TRL taken within each round, and the machine's load during each run. Neither side uses
+gradient checkpointing (TRL's default is on; it is turned off here). A contender that fails
+makes the bench exit non-zero.
 
     python bench/bench_sft.py                                    # CPU: dim 256, 4 layers, self-instruct data
-    python bench/bench_sft.py --device cuda --dim 2048 --layers 16 --seq-len 2048 --batch-size 8 --precision bf16
+    python bench/bench_sft.py --device cuda --preset llama3.2-1b --seq-len 2048 --batch-size 8 --precision bf16
 """
 from __future__ import annotations
 
@@ -22,7 +26,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import emit_result, run_worker  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_round_args,
+    contender_spreads,
+    emit_result,
+    finish,
+    fmt_spread,
+    load_summary,
+    round_ratio,
+    run_rounds,
+    run_worker,
+    write_json,
+)
 
 CONTENDERS = ("ours_packed", "ours_padded", "trl_padded", "trl_packed")
 
@@ -31,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="SFT JSONL (default: ../shared/data/self-instruct-seed-tasks.jsonl, "
                                                 "else freshly generated demo chats)")
+    p.add_argument("--preset", default=None, help="model_defs preset for the shape (default: --dim/--layers)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=2048)
@@ -42,7 +58,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch threads per contender (CPU)")
+    p.add_argument("--timer", choices=("wall", "cpu"), default="wall",
+                   help="wall clock, or each process's CPU time (steady on a busy machine with --threads 1)")
     p.add_argument("--only", nargs="*", choices=CONTENDERS, default=list(CONTENDERS))
+    add_round_args(p)
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -70,9 +89,13 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
     text = work / "text.jsonl"
     text.write_text("".join(json.dumps({"text": "\n".join(m["content"] for m in c)}) + "\n" for c in conversations))
     train_tokenizer([text], work / "tokenizer", vocab_size=args.vocab_size, overwrite=True)
-    cfg = ModelConfig.from_preset("tiny", vocab_size=args.vocab_size, dim=args.dim, n_layers=args.layers,
-                                  n_heads=max(1, args.dim // 64), n_kv_heads=max(1, args.dim // 128),
-                                  max_seq_len=args.seq_len, attention="sdpa")
+    if args.preset:
+        cfg = ModelConfig.from_preset(args.preset, vocab_size=args.vocab_size, max_seq_len=args.seq_len,
+                                      attention="sdpa")
+    else:
+        cfg = ModelConfig.from_preset("tiny", vocab_size=args.vocab_size, dim=args.dim, n_layers=args.layers,
+                                      n_heads=max(1, args.dim // 64), n_kv_heads=max(1, args.dim // 128),
+                                      max_seq_len=args.seq_len, attention="sdpa")
     save_hf_model(Transformer(cfg), cfg, work / "base")
     copy_tokenizer(work / "tokenizer", work / "base")
 
@@ -81,15 +104,18 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
 
 
 class RealTokenMeter:
-    """Forward pre-hook: the time each training forward starts and the non-padding tokens it reads."""
+    """Forward pre-hook: the time each training forward starts and the non-padding tokens it reads. `timer="cpu"`
+    reads this process's CPU time instead of the wall clock: with one thread, other processes' load on a shared
+    machine does not inflate it."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, timer: str = "wall"):
         self.pad_id, self.events = pad_id, []
+        self.clock = time.process_time if timer == "cpu" else time.perf_counter
 
     def __call__(self, module, args, kwargs):
         ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
         if module.training and ids is not None:
-            self.events.append((time.perf_counter(), int((ids != self.pad_id).sum())))
+            self.events.append((self.clock(), int((ids != self.pad_id).sum())))
 
     def throughput(self, warmup: int) -> tuple[float, int]:
         """Real tokens/s over steps [warmup, last): forward start of step `warmup` to forward start of the last."""
@@ -98,6 +124,12 @@ class RealTokenMeter:
             raise RuntimeError(f"only {len(ev)} training forwards were seen")
         tokens = sum(n for _, n in ev[warmup:-1])
         return tokens / (ev[-1][0] - ev[warmup][0]), tokens
+
+
+def model_dim(args: argparse.Namespace) -> int:
+    from model_defs import ModelConfig
+
+    return ModelConfig.from_preset(args.preset).dim if args.preset else args.dim
 
 
 def peak_memory_gb(device: str) -> float:
@@ -133,10 +165,10 @@ def run_ours(args: argparse.Namespace, work: Path, packing: bool) -> dict:
     ], schema=SFTConfig)
     tokenizer = load_chat_tokenizer(cfg, cfg.sft.chat_template)
     examples, _ = load_sft_examples(cfg.sft.train_files, tokenizer, seq_len=args.seq_len)
-    accelerator = build_accelerator(cfg, hidden_size=args.dim, precision=args.precision)
+    accelerator = build_accelerator(cfg, hidden_size=model_dim(args), precision=args.precision)
     set_seed(0)
     base = load_pretrained(cfg.model.init_from)
-    meter = RealTokenMeter(tokenizer.pad_token_id)
+    meter = RealTokenMeter(tokenizer.pad_token_id, args.timer)
     base.register_forward_pre_hook(meter, with_kwargs=True)
     model = apply_method(base, cfg.sft, key="sft")
     loader = SFTLoader(examples, batch_size=args.batch_size, seq_len=args.seq_len, pad_id=tokenizer.pad_token_id,
@@ -165,7 +197,7 @@ def run_trl(args: argparse.Namespace, work: Path, packing: bool) -> dict:
     dataset = datasets.Dataset.from_list(rows)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model = LlamaForCausalLM.from_pretrained(work / "base", attn_implementation="sdpa", dtype=torch.float32)
-    meter = RealTokenMeter(tokenizer.pad_token_id)
+    meter = RealTokenMeter(tokenizer.pad_token_id, args.timer)
     model.model.register_forward_pre_hook(meter, with_kwargs=True)
     config = SFTConfig(
         output_dir=str(work / ("trl_packed" if packing else "trl_padded")), max_steps=args.steps,
@@ -174,6 +206,9 @@ def run_trl(args: argparse.Namespace, work: Path, packing: bool) -> dict:
         completion_only_loss=True, logging_steps=args.steps, save_strategy="no", report_to=[], seed=0,
         bf16=args.precision == "bf16" and dtype == torch.bfloat16, use_cpu=args.device == "cpu",
         dataloader_num_workers=0, disable_tqdm=True,
+        # TRL turns gradient checkpointing on by default (SFTConfig, TRL 1.x); ours runs without it, so
+        # this side does too: the same work per step on both sides.
+        gradient_checkpointing=False,
     )
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, bias="none",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"],
@@ -221,39 +256,46 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=180)
+    forwarded = without_only(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="bench_sft-") as tmp:
         work = Path(tmp)
         prepare(args, work)
-        results, failed = {}, []
-        forwarded = without_only(sys.argv[1:])
-        for name in args.only:
-            cmd = [sys.executable, __file__, *forwarded, "--worker", name, "--workdir", str(work)]
-            try:
-                results[name] = run_worker(cmd, name, cwd=REPO)
-            except RuntimeError as err:
-                console.print(f"[red]{name} failed[/red]")
-                print(err)
-                failed.append(name)
-                continue
-            console.print(f"{name}: {results[name]}")
 
-    table = Table(title=f"LoRA SFT, dim {args.dim} x {args.layers} layers, seq {args.seq_len}, "
-                        f"batch {args.batch_size}, "
-                        f"{args.steps} steps ({args.warmup} warmup), {args.precision} on {args.device}")
+        def spawn(name: str) -> dict:
+            cmd = [sys.executable, __file__, *forwarded, "--worker", name, "--workdir", str(work)]
+            return run_worker(cmd, name, cwd=REPO)
+
+        per_round, failed = run_rounds(args.only, spawn, args.rounds, describe=lambda r: (
+            f"{r['real_tokens_per_s']:.0f} real tokens/s, peak {r['peak_mem_gb']:.2f} GB"))
+
+    per = contender_spreads(per_round, {"tokens_per_s": lambda r: r["real_tokens_per_s"],
+                                        "peak_gb": lambda r: r["peak_mem_gb"]})
+    ratios = {name: {ref: {"throughput": round_ratio(per_round, name, ref, lambda r: r["real_tokens_per_s"]),
+                           "peak_memory": round_ratio(per_round, name, ref, lambda r: r["peak_mem_gb"])}
+                     for ref in ("trl_padded", "trl_packed") if ref in per}
+              for name in per if name.startswith("ours")}
+    table = Table(title=f"LoRA SFT, {args.preset or f'dim {args.dim} x {args.layers} layers'}, seq {args.seq_len}, "
+                        f"batch {args.batch_size}, {args.steps} steps ({args.warmup} warmup), {args.precision} on "
+                        f"{args.device} ({args.timer} time), no gradient checkpointing on either side; median \\[min-max] over "
+                        f"{args.rounds} rounds")
     for col in ("contender", "real tokens/s", "peak mem GB", "tok/s vs TRL padded", "tok/s vs TRL packed",
-                "mem vs TRL padded"):
-        table.add_column(col)
-    ref_pad, ref_pack = results.get("trl_padded"), results.get("trl_packed")
-    for name, r in results.items():
-        ratio = lambda ref, key: f"{r[key] / ref[key]:.2f}x" if ref else "-"  # noqa: E731
-        table.add_row(name, f"{r['real_tokens_per_s']:.0f}", f"{r['peak_mem_gb']:.2f}",
-                      ratio(ref_pad, "real_tokens_per_s"), ratio(ref_pack, "real_tokens_per_s"),
-                      ratio(ref_pad, "peak_mem_gb"))
+                "mem vs TRL padded", "load (1 min)"):
+        table.add_column(col, justify="right")
+    for name, s in per.items():
+        r = ratios.get(name, {})
+        x = lambda ref, key: (fmt_spread(r[ref][key], digits=2, suffix="x")  # noqa: E731
+                              if ref in r and r[ref][key] else "-")
+        table.add_row(name, fmt_spread(s["tokens_per_s"], digits=0), fmt_spread(s["peak_gb"], digits=2),
+                      x("trl_padded", "throughput"), x("trl_packed", "throughput"), x("trl_padded", "peak_memory"),
+                      fmt_spread(s["load1"], digits=2))
     console.print(table)
-    print(json.dumps(results))
-    if failed:
-        sys.exit(f"error: {', '.join(failed)} failed")
+    payload = {"bench": "sft", "args": {k: v for k, v in vars(args).items() if k not in ("worker", "workdir")},
+               "contenders": per, "ratios": ratios, "load": load_summary(per_round), "rounds": per_round,
+               "failed": sorted(failed)}
+    if args.json:
+        write_json(args.json, payload)
+    finish(failed)
 
 
 if __name__ == "__main__":

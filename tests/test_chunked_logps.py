@@ -232,6 +232,7 @@ def test_ce_sum_without_cuda_is_the_chunked_sum():
     torch.testing.assert_close(label_ce_sum(h, labels, head, "on", chunk_tokens=3), want, **TOL)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernel needs CUDA")
 def test_liger_sum_matches_the_plain_path_on_cuda(monkeypatch):
     pytest.importorskip("liger_kernel")
@@ -284,3 +285,29 @@ def test_zero3_ranks_call_the_head_equally_often(monkeypatch):
     monkeypatch.setattr(token_logps, "CHUNK_BYTES", 10 * 4 * VOCAB)
     label_logps(h, labels, head, "auto")
     assert calls == [7, 0, 0]
+
+
+@pytest.mark.parametrize("head_trains", [True, False])
+def test_ce_sum_forms_gradients_in_forward_without_recompute(monkeypatch, head_trains):
+    """A plain head's CE sum takes the gradient-in-forward path: no checkpoint (no recomputed head matmul),
+    values and gradients of h and the weight equal the full logits', also when the upstream gradient is not 1."""
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the recomputing path ran")
+
+    monkeypatch.setattr(token_logps, "checkpoint", no_recompute)
+    torch.manual_seed(0)
+    head = nn.Linear(16, VOCAB, bias=False).requires_grad_(head_trains)
+    h = torch.randn(12, 16, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (12,))
+    want = F.cross_entropy(head(h), labels, reduction="sum")
+    (3.0 * want).backward()
+    want_h, want_w = h.grad.clone(), head.weight.grad.clone() if head_trains else None
+    h.grad = head.weight.grad = None
+    got = label_ce_sum(h, labels, head, "on", chunk_tokens=5)
+    (3.0 * got).backward()
+    torch.testing.assert_close(got, want.detach(), **TOL)
+    torch.testing.assert_close(h.grad, want_h, **TOL)
+    if head_trains:
+        torch.testing.assert_close(head.weight.grad, want_w, **TOL)
+    else:
+        assert head.weight.grad is None

@@ -5,7 +5,9 @@ their gradient and for log-softmax's saved output. Here the caller selects the h
 the LABELLED positions first (most SFT and DPO tokens carry no label), and the LM head then runs
 over chunks of them inside `torch.utils.checkpoint`: each chunk's logits live only while that
 chunk is computed, in forward and again in backward, where they are recomputed. The price is one
-extra head matmul per step.
+extra head matmul per step, except for the summed cross-entropy (causal LM, SFT) through a plain
+`nn.Linear` head: there each chunk's gradients are formed during forward (`_GradInForwardCESum`), so
+nothing is recomputed, at the cost of holding one weight-sized fp32 gradient from forward to backward.
 
 The head is always CALLED (`head(h_chunk)`), never read (`head.weight @ h`): under DeepSpeed
 ZeRO-3 a weight exists only inside its module's forward, which gathers it; under PEFT, LoRA or
@@ -156,12 +158,67 @@ def _liger_ce_sum(h: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> tor
     return loss_class(reduction="sum")(weight, h, labels).float()
 
 
+class _GradInForwardCESum(torch.autograd.Function):
+    """Summed cross-entropy of `h @ weight.T` whose gradients are computed chunk by chunk DURING forward: a sum's
+    gradient is the same whatever scalar multiplies it later, so backward only scales what forward kept. Each
+    chunk's logits live once, for the three matmuls the plain path needs too (logits, grad of h, grad of the
+    weight), and none is recomputed. What stays from forward to backward is one weight-sized fp32 gradient and
+    one h-sized gradient. Plain torch, every device (Liger's kernel does the same in Triton on CUDA)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] \
+            else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.size(0), size):
+            h_i, y_i = h[start:start + size], labels[start:start + size]
+            logits = (h_i @ weight.t()).float()  # under autocast the matmul runs in its dtype, as head(h) would
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y_i[:, None]).squeeze(1)).sum()
+            # d(sum CE)/d(logits) = softmax - one-hot, formed in place in the logits buffer.
+            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits[torch.arange(y_i.numel(), device=y_i.device), y_i] -= 1.0
+            grad_logits = grad_logits.to(torch.promote_types(h.dtype, weight.dtype)
+                                         if not torch.is_autocast_enabled(h.device.type)
+                                         else torch.get_autocast_dtype(h.device.type))
+            if grad_h is not None:
+                grad_h[start:start + size] = (grad_logits @ weight.to(grad_logits.dtype)).to(h.dtype)
+            if grad_w is not None:
+                grad_w += (grad_logits.t() @ h_i.to(grad_logits.dtype)).float()
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.has = (grad_h is not None, grad_w is not None)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0) * grad_out if ctx.has[0] else None  # a 0-dim factor keeps h's dtype
+        grad_w = (saved.pop(0) * grad_out).to(ctx.weight_dtype) if ctx.has[1] else None
+        return grad_h, grad_w, None, None
+
+
+def _grad_in_forward_ce_sum(h: torch.Tensor, labels: torch.Tensor, head: nn.Module,
+                            chunk_tokens: int | None) -> torch.Tensor | None:
+    """The CE sum with gradients formed in forward, where it applies: training (grad enabled), a plain
+    `nn.Linear` head without bias (it reads the weight; LoRA/QLoRA heads are called instead), not ZeRO-3."""
+    if not torch.is_grad_enabled() or type(head) is not nn.Linear or head.bias is not None or _zero3(head):
+        return None
+    if not (h.requires_grad or head.weight.requires_grad):
+        return None
+    size = chunk_tokens or chunk_tokens_for(head.out_features)
+    return _GradInForwardCESum.apply(h, head.weight, labels, size)
+
+
 def label_ce_sum(h: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunking: LossChunking = "on",
                  *, chunk_tokens: int | None = None) -> torch.Tensor:
     """Summed cross-entropy (fp32 scalar) of labelled positions: h (N, dim), labels (N,); Liger's kernel on CUDA
     when installed and chunking applies, else `-label_logps(...).sum()`."""
     if use_chunks(chunking, h.size(0), vocab_size_of(head)):
         fused = _liger_ce_sum(h, labels, head)
+        if fused is None:
+            fused = _grad_in_forward_ce_sum(h, labels, head, chunk_tokens)
         if fused is not None:
             return fused
     return -label_logps(h, labels, head, chunking, chunk_tokens=chunk_tokens).sum()
