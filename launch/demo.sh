@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on a laptop CPU, on data this project generates itself (no downloads):
 # demo data -> tokenizer -> token shards -> pretraining -> LoRA SFT (before/after generations)
-# -> merged export -> DPO (held-out preference accuracy before/after) -> a reward model on the same pairs.
+# -> merged export -> DPO (held-out preference accuracy before/after) -> a reward model on the same pairs
+# -> a comparison report of base, SFT and DPO (launch/compare.py).
 # Everything lands under runs/demo/ (override with RUN=...). A few minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,4 +55,10 @@ rm -rf "$RUN/reward"
     "reward.train_files=[$RUN/data/raw/dpo.jsonl]" "reward.val_files=[$RUN/data/raw/dpo_eval.jsonl]" \
     train.output_dir="$RUN/reward"
 
-step "done: everything is under $RUN (metrics.jsonl and tensorboard/ in each stage's folder)"
+step "9. what each stage did: base -> SFT -> DPO side by side (raw-text facts, sums, chat answers, held-out pairs)"
+rm -rf "$RUN/compare"
+python launch/compare.py "$RUN/pretrain" "$RUN/sft" "$RUN/dpo" --labels base,sft,dpo --out "$RUN/compare" \
+    --tasks eval/tasks/demo --pairs "$RUN/data/raw/dpo_eval.jsonl" --ifeval eval/prompts/ifeval_demo.jsonl \
+    --raw-sample "Durmin lives in" --chat-sample "Where does Durmin live?" --chat-sample "What is 18 + 10?"
+
+step "done: everything is under $RUN (metrics.jsonl, summary.json and tensorboard/ in each stage's folder; $RUN/compare/report.md)"
