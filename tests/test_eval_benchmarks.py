@@ -65,9 +65,22 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
+def _stop_at_eos(folder: Path) -> None:
+    """Our exports leave eos_token_id unset, and transformers then decodes past EOS; ours stops there.
+    Like for like: the HF folder names the tokenizer's EOS, as a released model's config does."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").unlink(missing_ok=True)
+
+
 def _hf_results(folder: Path, tasks: Path) -> dict:
     import lm_eval
 
+    _stop_at_eos(folder)
     from eval.benchmarks import load_task_config, task_files
 
     configs = [load_task_config(f) for f in task_files([tasks])]

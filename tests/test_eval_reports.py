@@ -175,3 +175,47 @@ def test_compare_bad_input_is_one_line(runs, tmp_path):
     assert main([str(broken), str(runs / "lora"), "--out", str(tmp_path / "o3"), "--keep-going"]) == 0
     report = (tmp_path / "o3" / "report.md").read_text()
     assert report.index("Skipped") < report.index("## Cost") and "broken: load" in report
+
+
+@pytest.mark.slow  # two training runs through launch/sft.py, then launch/compare.py
+def test_lora_vs_prompt_tuning_table_from_one_call(tmp_path):
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    from model_defs.hf import save_hf_model
+    from trainer.export import copy_tokenizer
+
+    from tests.sft_fixtures import REPO_ROOT, demo_rows
+
+    tok = make_tokenizer(tmp_path)
+    base = tiny_model(len(tok), seed=0, dim=64)
+    save_hf_model(base, base.cfg, tmp_path / "base")
+    copy_tokenizer(tmp_path / "tokenizer", tmp_path / "base")
+    write_jsonl(tmp_path / "sft.jsonl", demo_rows("sft")[:200])
+    write_jsonl(tmp_path / "sft_eval.jsonl", demo_rows("sft_eval")[:20])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for method, extra in (("lora", []), ("prompt_tuning", ["sft.packing=false",
+                                                           "sft.prompt_tuning.num_virtual_tokens=4"])):
+        args = [f"model.init_from={tmp_path / 'base'}", f"sft.train_files=[{tmp_path / 'sft.jsonl'}]",
+                f"sft.val_files=[{tmp_path / 'sft_eval.jsonl'}]", "data.seq_len=128", "train.micro_batch_size=4",
+                "train.max_steps=3", "train.eval_batches=1", "optim.warmup_steps=0", "logging.progress=false",
+                "logging.tensorboard=false", f"sft.method={method}", f"train.output_dir={tmp_path / method}", *extra]
+        proc = subprocess.run([sys.executable, "launch/sft.py", *args], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=400, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((tmp_path / method / "summary.json").read_text())
+        assert summary["method"] == method and summary["steps"] == 3 and summary["output"]["kind"] == "adapter"
+        assert summary["generation_tokens_per_s"] > 0 and summary["final_val"]["loss"] > 0
+    proc = subprocess.run([sys.executable, "launch/compare.py", str(tmp_path / "lora"), str(tmp_path / "prompt_tuning"),
+                           "--out", str(tmp_path / "cmp")], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["label"]: r for r in csv.DictReader((tmp_path / "cmp" / "comparison.csv").open())}
+    lora, prompt = rows["lora"], rows["prompt_tuning"]
+    # Prompt tuning trains 4 x dim parameters; LoRA far more; both saved as small adapters.
+    assert int(prompt["trainable_params"]) == 4 * 64 < int(lora["trainable_params"])
+    assert int(prompt["output_bytes"]) < int(lora["output_bytes"])
+    assert all(float(r[k]) > 0 for r in rows.values() for k in ("wall_time_s", "final_val_loss",
+                                                                 "generation_tokens_per_s"))
