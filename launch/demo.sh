@@ -41,7 +41,7 @@ echo "-- after (LoRA SFT)";        python launch/generate.py --model "$RUN/sft" 
 step "6. merge the LoRA adapter into the base: a plain HF Llama folder (transformers, vLLM, lm-eval load it)"
 python launch/export_hf.py --adapter "$RUN/sft/adapter" "$RUN/sft/model"
 
-step "7. DPO: the correct answer versus a wrong one (held-out accuracy before -> after)"
+step "7. preference tuning (ORPO): the correct answer versus a wrong one (held-out accuracy before -> after)"
 rm -rf "$RUN/dpo"
 "${LAUNCH[@]}" launch/dpo.py --config configs/demo_dpo_cpu.yaml \
     model.init_from="$RUN/sft/model" \
