@@ -91,6 +91,6 @@ def headline_scores(results: dict[str, Any]) -> dict[str, float]:
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
             name = key.split(",")[0]
-            if isinstance(value, (int, float)) and "stderr" not in name and name != "alias":
+            if isinstance(value, (int, float)) and "stderr" not in name and name not in ("alias", "sample_len"):
                 scores[f"{task}/{name}"] = float(value)
     return scores
