@@ -2,7 +2,8 @@
 # The whole pipeline on a laptop CPU, on data this project generates itself (no downloads):
 # demo data -> tokenizer -> token shards -> pretraining -> LoRA SFT (before/after generations)
 # -> merged export -> DPO (held-out preference accuracy before/after) -> a reward model on the same pairs
-# -> GRPO on the arithmetic questions (held-out exact-match accuracy before/after).
+# -> GRPO on the arithmetic questions (held-out exact-match accuracy before/after)
+# -> a comparison report of base, SFT and DPO (launch/compare.py).
 # Everything lands under runs/demo/ (override with RUN=...). A few minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +42,7 @@ echo "-- after (LoRA SFT)";        python launch/generate.py --model "$RUN/sft" 
 step "6. merge the LoRA adapter into the base: a plain HF Llama folder (transformers, vLLM, lm-eval load it)"
 python launch/export_hf.py --adapter "$RUN/sft/adapter" "$RUN/sft/model"
 
-step "7. DPO: the correct answer versus a wrong one (held-out accuracy before -> after)"
+step "7. preference tuning (ORPO): the correct answer versus a wrong one (held-out accuracy before -> after)"
 rm -rf "$RUN/dpo"
 "${LAUNCH[@]}" launch/dpo.py --config configs/demo_dpo_cpu.yaml \
     model.init_from="$RUN/sft/model" \
@@ -64,4 +65,10 @@ rm -rf "$RUN/rl"
     "rl.train_files=[$RUN/data/raw/rl.jsonl]" "rl.val_files=[$RUN/data/raw/rl_eval.jsonl]" \
     train.output_dir="$RUN/rl"
 
-step "done: everything is under $RUN (metrics.jsonl and tensorboard/ in each stage's folder)"
+step "10. what each stage did: base -> SFT -> DPO side by side (raw-text facts, sums, chat answers, held-out pairs)"
+rm -rf "$RUN/compare"
+python launch/compare.py "$RUN/pretrain" "$RUN/sft" "$RUN/dpo" --labels base,sft,dpo --out "$RUN/compare" \
+    --tasks eval/tasks/demo --pairs "$RUN/data/raw/dpo_eval.jsonl" --ifeval eval/prompts/ifeval_demo.jsonl \
+    --raw-sample "Durmin lives in" --chat-sample "Where does Durmin live?" --chat-sample "What is 18 + 10?"
+
+step "done: everything is under $RUN (metrics.jsonl, summary.json and tensorboard/ in each stage's folder; $RUN/compare/report.md)"

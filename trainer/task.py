@@ -15,6 +15,7 @@ needs to repeat a line of setup, this runner is missing a hook.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -33,6 +34,7 @@ from trainer.hub import is_hub_id
 from trainer.loop import EvalReport, RunResult, StatefulLoader, train
 from trainer.objectives import Objective, count_label_tokens
 from trainer.run_folder import check_output_dir, model_source
+from trainer.summary import summarize_run
 from trainer.tuning.config import TuningSection
 from trainer.tuning.methods import PRECISION_DTYPES, apply_method, check_method_supported, trainable_summary
 from trainer.tuning.save import save_run_outputs
@@ -133,6 +135,7 @@ def base_model_name(cfg: RunConfig) -> str | None:
 
 
 def run_task(cfg: RunConfig, spec: TaskSpec, resume: str | None = None) -> RunResult:
+    started = time.perf_counter()
     problems = spec.check_config(cfg)
     if problems:
         raise ConfigError("\n".join(problems))
@@ -188,6 +191,7 @@ def run_task(cfg: RunConfig, spec: TaskSpec, resume: str | None = None) -> RunRe
 
     frozen_base = tuning is not None and tuning.method != "full"
     factor = (FROZEN_BASE_FLOPS_FACTOR if frozen_base else 1.0) + task.extra_flops_factor
+    train_started = time.perf_counter()
     result = train(
         cfg,
         accelerator=accelerator,
@@ -205,6 +209,7 @@ def run_task(cfg: RunConfig, spec: TaskSpec, resume: str | None = None) -> RunRe
         val_objective=task.val_objective,
         train_report=task.train_report,
     )
+    train_seconds = time.perf_counter() - train_started
     if result.stopped_by_signal is None:
         if spec.save_outputs is not None:
             spec.save_outputs(ctx, result)
@@ -212,4 +217,7 @@ def run_task(cfg: RunConfig, spec: TaskSpec, resume: str | None = None) -> RunRe
             save_run_outputs(tuning.method, result, out_dir, data.tokenizer)
         if spec.finish is not None:
             spec.finish(ctx, result)
+        summarize_run(ctx, result, spec_name=spec.name, method=tuning.method if tuning is not None else "full",
+                      causal_lm=spec.make_model is None, started=started, train_seconds=train_seconds,
+                      resumed=resume_from is not None)
     return result

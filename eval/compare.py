@@ -1,0 +1,276 @@
+"""Compare runs and models: what each one cost (summary.json) and what it can do (the evaluations asked),
+as comparison.csv, report.md and PNG figures. `launch/compare.py` is the command line."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.run_folder import resolve
+
+EFFICIENCY = ("method", "trainable_params", "trainable_share", "wall_time_s", "tokens_per_s", "peak_host_rss_gb",
+              "peak_gpu_gb", "output_bytes", "final_train_loss", "final_val_loss", "generation_tokens_per_s")
+
+
+@dataclass
+class Entry:
+    """One model in the comparison: its label, what it is, and every figure found for it."""
+
+    label: str
+    path: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # train / val loss by step
+    figures: dict[str, float] = field(default_factory=dict)
+    samples: list[tuple[str, str]] = field(default_factory=list)
+
+
+def read_entry(path: str | Path, label: str) -> Entry:
+    """A run folder (its summary.json and metrics.jsonl are required) or a model path (none)."""
+    from trainer.summary import read_summary
+
+    paths = resolve(path)
+    entry = Entry(label=label, path=Path(path))
+    if paths.is_run:
+        metrics = Path(path) / "metrics.jsonl"
+        if not metrics.is_file():
+            raise FileNotFoundError(f"{path}: run folder has no metrics.jsonl")
+        entry.summary = read_summary(path)
+        for line_no, line in enumerate(metrics.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{metrics}:{line_no}: not valid JSON") from None
+            loss = record.get("loss")
+            if isinstance(loss, (int, float)) and math.isfinite(loss):
+                entry.curves.setdefault(record.get("split", "train"), []).append((record["step"], float(loss)))
+    return entry
+
+
+def efficiency_row(entry: Entry) -> dict[str, Any]:
+    s = entry.summary
+    peak = s.get("peak_memory_gb") or {}
+    return {"method": s.get("method", "-"), "trainable_params": s.get("trainable_params"),
+            "trainable_share": s.get("trainable_share"), "wall_time_s": s.get("wall_time_s"),
+            "tokens_per_s": s.get("tokens_per_s"), "peak_host_rss_gb": peak.get("host_rss"),
+            "peak_gpu_gb": peak.get("gpu"), "output_bytes": (s.get("output") or {}).get("bytes"),
+            "final_train_loss": (s.get("final_train") or {}).get("loss"),
+            "final_val_loss": (s.get("final_val") or {}).get("loss"),
+            "generation_tokens_per_s": entry.figures.get("generation_tokens_per_s",
+                                                         s.get("generation_tokens_per_s"))}
+
+
+# ------------------------------------------------------------------------------- evaluations
+
+
+def load_for_eval(entry: Entry):
+    """(model, tokenizer) of an entry; a model that cannot be loaded is one line naming it."""
+    from eval.lm_eval_model import find_tokenizer
+    from trainer.data.tokenizer import load_tokenizer
+    from trainer.export import load_model
+
+    try:
+        model = load_model(entry.path).eval()
+        tokenizer = load_tokenizer(find_tokenizer(entry.path))
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ValueError(f"{entry.path}: cannot be loaded ({str(err).splitlines()[0]})") from None
+    return model, tokenizer
+
+
+@torch.no_grad()
+def preference_accuracy(model, tokenizer, pairs_file: str | Path, max_len: int = 256,
+                        max_prompt_len: int = 128) -> dict[str, float]:
+    """How often the model itself gives the chosen response a higher log-probability than the rejected
+    one, chat-rendered as DPO trains; no reference model involved (the policy's own preference)."""
+    from trainer.chat import ensure_chat_template
+    from trainer.dpo.data import load_pairs, tokenize_pairs
+
+    ensure_chat_template(tokenizer, "auto")
+    pairs = tokenize_pairs(tokenizer, load_pairs([pairs_file], key="--pairs"), max_len=max_len,
+                           max_prompt_len=max_prompt_len)
+    correct, margins = 0, []
+    for pair in pairs:
+        logps = [_response_logp(model, pair.prompt, response) for response in (pair.chosen, pair.rejected)]
+        correct += logps[0] > logps[1]
+        margins.append(logps[0] - logps[1])
+    return {"pref_accuracy": correct / len(pairs), "pref_margin": sum(margins) / len(margins)}
+
+
+def _response_logp(model, prompt, response) -> float:
+    ids = torch.tensor([list(prompt) + list(response)])
+    logps = torch.log_softmax(model(ids[:, :-1]).float(), dim=-1)[0]
+    targets = ids[0, 1:]
+    picked = logps.gather(-1, targets[:, None])[:, 0]
+    return float(picked[len(prompt) - 1:].sum())
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[str], chat: bool, max_new_tokens: int = 48) -> list[str]:
+    """Greedy answers through our KV cache: chat-rendered prompts, or raw text continued."""
+    from model_defs.generate import generate
+    from trainer.chat import ensure_chat_template, prompt_ids, stop_token_ids
+
+    if chat:
+        ensure_chat_template(tokenizer, "auto")
+        rows = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+        stops = stop_token_ids(tokenizer)
+    else:
+        rows = [tokenizer(p)["input_ids"] for p in prompts]
+        stops = [tokenizer.eos_token_id]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = True
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, stop_token_ids=stops,
+                   pad_token_id=pad, use_cache=hasattr(model, "layers"))
+    texts = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    return texts
+
+
+def measured_generation_speed(model, vocab_size: int) -> float:
+    from trainer.summary import generation_tokens_per_s
+
+    return generation_tokens_per_s(model, vocab_size)
+
+
+# ------------------------------------------------------------------------------- outputs
+
+
+def write_csv(entries: list[Entry], metric_names: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["label", "path", *EFFICIENCY, *metric_names])
+    for e in entries:
+        eff = efficiency_row(e)
+        writer.writerow([e.label, str(e.path), *(_cell(eff[k]) for k in EFFICIENCY),
+                         *(_cell(e.figures.get(m)) for m in metric_names)])
+    return buffer.getvalue()
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _fmt(value: Any, kind: str = "") -> str:
+    if value is None:
+        return "-"
+    if kind == "bytes":
+        return f"{value / 2**20:.2f} MiB" if value >= 2**20 else f"{value / 2**10:.1f} KiB"
+    if kind == "share":
+        return f"{100 * value:.3f}%"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def markdown_report(entries: list[Entry], metric_names: list[str], skipped: list[str], notes: list[str],
+                    judges: list[str], figures: list[str]) -> str:
+    lines = ["# Comparison", ""]
+    if skipped:
+        lines += ["**Skipped (not in the figures below):**", ""] + [f"- {s}" for s in skipped] + [""]
+    lines += ["Models: " + ", ".join(f"`{e.label}` ({e.path})" for e in entries), ""]
+    lines += ["## Cost", "", "| model | method | trainable params | share | wall time | train tok/s | peak RSS |"
+              " saved size | final train loss | final val loss | generation tok/s |",
+              "|" + "---|" * 11]
+    for e in entries:
+        r = efficiency_row(e)
+        lines.append(f"| {e.label} | {r['method']} | {_fmt(r['trainable_params'])} | "
+                     f"{_fmt(r['trainable_share'], 'share')} | {_fmt(r['wall_time_s'])} s | {_fmt(r['tokens_per_s'])} | "
+                     f"{_fmt(r['peak_host_rss_gb'])} GiB | {_fmt(r['output_bytes'], 'bytes')} | "
+                     f"{_fmt(r['final_train_loss'])} | {_fmt(r['final_val_loss'])} | "
+                     f"{_fmt(r['generation_tokens_per_s'])} |")
+    if metric_names:
+        lines += ["", "## Evaluations", "", "| model | " + " | ".join(metric_names) + " |",
+                  "|" + "---|" * (len(metric_names) + 1)]
+        for e in entries:
+            lines.append(f"| {e.label} | " + " | ".join(_fmt(e.figures.get(m)) for m in metric_names) + " |")
+    if notes:
+        lines += ["", "What the figures measure:", ""] + [f"- {n}" for n in notes]
+    if judges:
+        lines += ["", "## Judges", ""] + judges
+    if any(e.samples for e in entries):
+        lines += ["", "## Samples (greedy)", ""]
+        for e in entries:
+            for prompt, text in e.samples:
+                lines.append(f"- `{e.label}` | {prompt!r} -> {text!r}")
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def draw_figures(entries: list[Entry], metric_names: list[str], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    written = []
+    runs = [e for e in entries if e.curves]
+    if runs:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for e in runs:
+            for split, style in (("train", "-"), ("val", "--")):
+                if e.curves.get(split):
+                    steps, losses = zip(*e.curves[split])
+                    ax.plot(steps, losses, style, marker="o" if split == "val" else None, label=f"{e.label} {split}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title("loss curves (each run's own objective)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "loss_curves.png", dpi=110)
+        plt.close(fig)
+        written.append("loss_curves.png")
+    if metric_names:
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(metric_names) * len(entries) / 2), 4))
+        width = 0.8 / len(entries)
+        for i, e in enumerate(entries):
+            values = [e.figures.get(m, float("nan")) for m in metric_names]
+            ax.bar([j + i * width for j in range(len(metric_names))], values, width, label=e.label)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metric_names))], metric_names, rotation=20,
+                      ha="right", fontsize=7)
+        ax.legend(fontsize=7)
+        ax.set_title("evaluations")
+        fig.tight_layout()
+        fig.savefig(out / "metrics.png", dpi=110)
+        plt.close(fig)
+        written.append("metrics.png")
+    runs = [e for e in entries if e.summary]
+    if runs:
+        keys = [("trainable_params", "trainable params"), ("wall_time_s", "wall time (s)"),
+                ("output_bytes", "saved size (bytes)"), ("generation_tokens_per_s", "generation tok/s")]
+        fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 3.2))
+        for ax, (key, title) in zip(axes, keys):
+            values = [efficiency_row(e)[key] or 0 for e in runs]
+            ax.bar([e.label for e in runs], values, color="tab:gray")
+            ax.set_title(title, fontsize=9)
+            ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+            if key in ("trainable_params", "output_bytes") and max(values) > 0:
+                ax.set_yscale("log")
+        fig.tight_layout()
+        fig.savefig(out / "efficiency.png", dpi=110)
+        plt.close(fig)
+        written.append("efficiency.png")
+    return written
+
+
+def elapsed(start: float) -> str:
+    return f"{time.perf_counter() - start:.1f}s"

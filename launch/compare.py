@@ -1,0 +1,159 @@
+"""Compare runs and models side by side: cost (each run's summary.json) and the evaluations asked.
+
+    python launch/compare.py runs/demo/pretrain runs/demo/sft runs/demo/dpo --labels base,sft,dpo \
+        --tasks eval/tasks/demo --pairs runs/demo/data/raw/dpo_eval.jsonl --out runs/demo/compare
+    python launch/compare.py runs/lora runs/prompt_tuning --out cmp      # the cost table alone
+
+Each RUN_OR_MODEL is a run folder (its summary.json and metrics.jsonl are read; the model is its
+adapter, else its model/, else its newest checkpoint) or a model path (a checkpoint, an HF Llama
+folder, an adapter). Writes OUT/comparison.csv, OUT/report.md and PNG figures, all or nothing; an
+evaluation that fails stops the command, or with --keep-going is listed as skipped at the top of the report.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trainer.cli import guarded
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("models", nargs="+", metavar="RUN_OR_MODEL")
+    p.add_argument("--out", required=True, help="a new (or empty) folder for the report")
+    p.add_argument("--labels", help="comma-separated names, one per model (default: folder names)")
+    p.add_argument("--tasks", nargs="*", default=[], help="lm-eval task YAMLs / folders, or task names in the HF cache")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
+    p.add_argument("--pairs", help="preference pairs JSONL: the policy's own preference accuracy on them")
+    p.add_argument("--ifeval", help="IFEval-style prompt JSONL (see eval/ifeval.py), scored strict and loose")
+    p.add_argument("--prompts", help="one prompt a line: answers for the judges (first model is A)")
+    p.add_argument("--judge", help="a local chat model that judges answers pairwise, both orders")
+    p.add_argument("--reward-model", help="a reward model that scores the answers")
+    p.add_argument("--raw-sample", action="append", default=[], help="text every model continues (report samples)")
+    p.add_argument("--chat-sample", action="append", default=[], help="a question every model answers in chat")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--keep-going", action="store_true", help="list failed evaluations as skipped instead of stopping")
+    args = p.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else [Path(m).name for m in args.models]
+    if len(labels) != len(args.models):
+        p.error(f"--labels names {len(labels)} models but {len(args.models)} were given")
+    if (args.judge or args.reward_model) and not args.prompts:
+        p.error("--judge and --reward-model need --prompts")
+    return args, labels
+
+
+def main(argv=None) -> int:
+    from eval import compare as C
+    from trainer.atomic import atomic_directory, refuse_occupied
+
+    args, labels = parse_args(argv)
+    out = Path(args.out)
+    refuse_occupied(out)  # before any evaluation: a taken folder costs nothing
+    for path in [args.pairs, args.ifeval, args.prompts]:
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+    entries = [C.read_entry(m, label) for m, label in zip(args.models, labels)]
+    metric_names: list[str] = []
+    notes: list[str] = []
+    skipped: list[str] = []
+    answers: dict[str, list[str]] = {}
+    prompts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()] if args.prompts else []
+    ifeval_rows = None
+    if args.ifeval:
+        from eval.ifeval import read_prompts
+
+        ifeval_rows = read_prompts(args.ifeval)
+
+    def attempt(what: str, fn):
+        try:
+            return fn()
+        except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
+            if not args.keep_going:
+                raise ValueError(f"{what}: {str(err).splitlines()[0]}") from None
+            skipped.append(f"{what}: {str(err).splitlines()[0]}")
+            return None
+
+    def add(entry, figures: dict[str, float] | None):
+        for name, value in (figures or {}).items():
+            entry.figures[name] = value
+            if name not in metric_names:
+                metric_names.append(name)
+
+    for entry in entries:
+        loaded = attempt(f"{entry.label}: load", lambda: C.load_for_eval(entry))
+        if loaded is None:
+            continue
+        model, tokenizer = loaded
+        if "generation_tokens_per_s" not in entry.summary or entry.summary["generation_tokens_per_s"] is None:
+            entry.figures["generation_tokens_per_s"] = C.measured_generation_speed(model, model.cfg.vocab_size)
+        if args.tasks:
+            from eval.benchmarks import headline_scores, run_benchmarks
+
+            results = attempt(f"{entry.label}: lm-eval {' '.join(map(str, args.tasks))}", lambda: run_benchmarks(
+                entry.path, args.tasks, batch_size=args.batch_size, limit=args.limit))
+            add(entry, headline_scores(results) if results else None)
+        if args.pairs:
+            add(entry, attempt(f"{entry.label}: preference pairs",
+                               lambda: C.preference_accuracy(model, tokenizer, args.pairs)))
+        if ifeval_rows is not None:
+            from eval.ifeval import score
+
+            def ifeval():
+                responses = C.generate_texts(model, tokenizer, [r["prompt"] for r in ifeval_rows], chat=True,
+                                             max_new_tokens=args.max_new_tokens)
+                scored = score(ifeval_rows, responses)
+                notes.append(f"ifeval: checkers {scored.pop('checkers')}")
+                return {f"ifeval/{k}": v for k, v in scored.items()}
+            add(entry, attempt(f"{entry.label}: ifeval", ifeval))
+        if prompts:
+            answers[entry.label] = C.generate_texts(model, tokenizer, prompts, chat=True,
+                                                    max_new_tokens=args.max_new_tokens)
+        for text in args.raw_sample:
+            entry.samples.append((text, C.generate_texts(model, tokenizer, [text], chat=False,
+                                                         max_new_tokens=args.max_new_tokens)[0]))
+        for text in args.chat_sample:
+            entry.samples.append((f"[chat] {text}", C.generate_texts(model, tokenizer, [text], chat=True,
+                                                                     max_new_tokens=args.max_new_tokens)[0]))
+        del model
+
+    judges = []
+    if prompts and len(answers) >= 2:
+        from eval import judge as J
+
+        base_label = entries[0].label
+        if args.judge:
+            chat_judge = J.ChatJudge(args.judge)
+            for label, texts in answers.items():
+                if label != base_label and base_label in answers:
+                    r = J.pairwise(chat_judge, prompts, texts, answers[base_label])
+                    judges.append(f"- judge `{args.judge}`: `{label}` vs `{base_label}` over {r['n']} prompts, "
+                                  f"both orders: win {_ci(r['win'])}, tie {_ci(r['tie'])}, loss {_ci(r['loss'])}; "
+                                  f"same position chosen in both orders {100 * r['position_flips']:.0f}%")
+        if args.reward_model:
+            scores = {label: J.reward_scores(args.reward_model, prompts, texts) for label, texts in answers.items()}
+            for label in scores:
+                if label != base_label and base_label in scores:
+                    r = J.reward_judge(scores[label], scores[base_label])
+                    judges.append(f"- reward model `{args.reward_model}`: `{label}` mean {_ci(r['mean_a'])} vs "
+                                  f"`{base_label}` mean {_ci(r['mean_b'])}; `{label}` wins {_ci(r['win_rate_a'])}")
+    if args.pairs:
+        notes.append("pref_accuracy: share of held-out pairs where the model itself gives the chosen answer a "
+                     "higher log-probability than the rejected one (chat-rendered, no reference model); "
+                     "pref_margin: the mean log-probability difference")
+    with atomic_directory(out) as staging:
+        figures = C.draw_figures(entries, metric_names, staging)
+        (staging / "comparison.csv").write_text(C.write_csv(entries, metric_names))
+        (staging / "report.md").write_text(C.markdown_report(entries, metric_names, skipped, sorted(set(notes)),
+                                                             judges, figures))
+    print((out / "report.md").read_text())
+    return 0
+
+
+def _ci(interval: dict) -> str:
+    return f"{interval['value']:.3g} [{interval['low']:.3g}, {interval['high']:.3g}]"
+
+
+if __name__ == "__main__":
+    sys.exit(guarded(main))
