@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         for text in args.chat_sample:
             entry.samples.append((f"[chat] {text}", C.generate_texts(model, tokenizer, [text], chat=True,
                                                                      max_new_tokens=args.max_new_tokens)[0]))
-        del model
+        model = tokenizer = None  # freed before the next entry loads
 
     judges = []
     if prompts and len(answers) >= 2:
