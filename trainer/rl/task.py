@@ -12,6 +12,7 @@ model/ (full tuning, an HF Llama folder) or adapter/ + adapter_hf/ (LoRA/QLoRA).
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -185,9 +186,10 @@ def save_ppo_outputs(ctx: TaskContext, result: RunResult) -> None:
     _, trainable = gather_trainable_state(accelerator, result.model)
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(result.model, keep_torch_compile=False)
-        adapter, head = split_value_head(trainable)
-        config = model.peft_config["default"]
-        state = adapter_state(model, adapter)
+        state, head = split_value_head(adapter_state(model, trainable))
+        # The saved adapter is the policy's alone: loaded onto a plain Transformer, which has no value head.
+        config = copy.deepcopy(model.peft_config["default"])
+        config.modules_to_save = None
         write_adapter(out_dir / "adapter", state, config, ctx.data.tokenizer)
         hf_state, hf_config = to_hf_adapter(state, config)
         write_adapter(out_dir / "adapter_hf", hf_state, hf_config, ctx.data.tokenizer)
