@@ -102,6 +102,8 @@ def rl_config_problems(cfg: RLConfig) -> list[str]:
     if r.algorithm == "grpo" and r.num_generations < 2:
         problems.append(f"defaults: rl.num_generations: grpo needs at least 2 completions per prompt (a group), "
                         f"got {r.num_generations}")
+    if r.algorithm == "ppo" and r.epsilon_high is not None:
+        problems.append("defaults: rl.epsilon_high: GRPO's clip-higher; ppo clips both sides with rl.epsilon")
     if cfg.data.path:
         problems.append("defaults: data.path: this task reads rl.train_files, not token shards; remove data.path")
     if not r.train_files:
