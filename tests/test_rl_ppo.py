@@ -85,6 +85,19 @@ def test_ppo_rollout_targets_equal_a_plain_loop(whiten_rewards):
         assert (got[~mask] == 0).all()
 
 
+def test_ppo_and_grpo_settings_that_do_not_fit_are_config_problems():
+    from trainer.rl.config import RLConfig, rl_config_problems
+
+    def problems(**rl):
+        return rl_config_problems(RLConfig(rl={"train_files": ["t.jsonl"], "rewards": [{"function": "m:f"}], **rl}))
+
+    assert problems(algorithm="ppo", num_generations=1) == []
+    assert problems(algorithm="grpo", num_generations=1) == [
+        "defaults: rl.num_generations: grpo needs at least 2 completions per prompt (a group), got 1"]
+    assert problems(algorithm="ppo", num_generations=1, epsilon_high=0.28) == [
+        "defaults: rl.epsilon_high: GRPO's clip-higher; ppo clips both sides with rl.epsilon"]
+
+
 @pytest.mark.slow
 def test_ppo_run_resumes_bitwise_and_saves_the_value_head(work):  # noqa: F811
     """Six PPO steps, one completion per prompt, four steps per rollout buffer (rl.epochs 2 x rl.minibatches
