@@ -141,3 +141,23 @@ def test_ppo_run_resumes_bitwise_and_saves_the_value_head(work):  # noqa: F811
     again = load_file(out / "model" / "model.safetensors")
     assert all(torch.equal(policy[k], again[k]) for k in policy)
     assert torch.equal(load_file(out / "value_head" / "value_head.safetensors")["weight"], head)
+
+
+@pytest.mark.slow
+def test_ppo_two_ranks_zero3(work):  # noqa: F811
+    """2-rank CPU ZeRO-3: the value head is sharded like every other weight, gathered for the rollout's and
+    the update's forwards, and consolidated into value_head/ at the end."""
+    from safetensors.torch import load_file
+
+    from tests.pretrain_run import launch_command, metrics, run
+
+    out = work / "ppo_zero3"
+    config = _config(work, out, algorithm="ppo", num_generations=1, beta=0.05, epochs=1, val_files=[])
+    run(launch_command("rl.py", ["--config", str(config), "train.max_steps=2", "checkpoint.every=2",
+                                 "train.eval_at_start=false"], ranks=2, zero_stage=3))
+    train = metrics(out)
+    assert [r["step"] for r in train] == [1, 2] and all(r["world_size"] == 2 for r in train)
+    assert all(r["value_loss"] > 0 and r["rollout_tokens_per_s"] > 0 for r in train)
+    assert train[1]["kl"] != 0  # step 2 sampled with updated weights, scored against the untouched copy
+    head = load_file(out / "value_head" / "value_head.safetensors")["weight"]
+    assert head.shape == (1, 32) and head.abs().sum() > 0
