@@ -3,12 +3,12 @@
     accelerate launch launch/rl.py --config configs/rl_RECIPE.yaml
 
 Each optimizer step's micro-batches come from `RolloutLoader` (generation with the current weights,
-rewards, group-relative advantages); the loop itself is the one every task trains through: the same
+rewards, then GRPO's group-relative advantages or PPO's value-head GAE); the loop itself is the one every task trains through: the same
 checkpoints (the rollout position, sampling RNG and any unfinished buffer included), signals and logs.
 Validation greedily completes the held-out prompts and reports their mean rewards.
 
 Run folder (`train.output_dir`): checkpoints/, tokenizer/, metrics.jsonl, and as SFT leaves them
-model/ (full tuning, an HF Llama folder) or adapter/ + adapter_hf/ (LoRA/QLoRA).
+model/ (full tuning, an HF Llama folder) or adapter/ + adapter_hf/ (LoRA/QLoRA); PPO adds value_head/.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from model_defs.generate import generate
 from trainer.chat import load_chat_tokenizer, stop_token_ids, template_name
 from trainer.data.sampler import StatefulSampler
 from trainer.dpo.reference import FrozenCopyReference, frozen_copy
+from trainer.export import consolidated_state_dict, with_tied_head, write_hf_folder
 from trainer.loop import RunResult
 from trainer.rl.config import RLConfig, rl_config_problems
 from trainer.rl.objective import GRPOObjective, PPOObjective, per_token_logps
@@ -31,10 +32,9 @@ from trainer.rl.prompts import Prompt, load_prompts
 from trainer.rl.rewards import RewardFunction, combine, load_reward_functions, reward_model_function, score
 from trainer.rl.rollout import RolloutLoader, cut_at_stop, generation_weights, left_pad, rollout_report
 from trainer.rl.value_head import VALUE_HEAD, add_value_head, save_value_head, split_value_head
-from trainer.export import consolidated_state_dict, with_tied_head, write_hf_folder
-from trainer.tuning.save import _write_adapter as write_adapter, adapter_state, gather_trainable_state, to_hf_adapter
 from trainer.task import TaskContext, TaskData, TaskParts, TaskSpec, run_task
 from trainer.tuning.methods import PRECISION_DTYPES
+from trainer.tuning.save import _write_adapter as write_adapter, adapter_state, gather_trainable_state, to_hf_adapter
 
 
 class RLData:
