@@ -65,7 +65,7 @@ def test_ppo_rollout_targets_equal_a_plain_loop(whiten_rewards):
     prompts = [np.array([5, 9, 11]), np.array([7]), np.array([3, 4, 5, 6])]
     completions = [np.array([20, 21]), np.array([30, 31, 32, 33]), np.array([40, 41, 42])]
     scores = torch.tensor([1.0, -0.5, 0.25])
-    knobs = dict(temperature=0.7, beta=0.1, gamma=0.9, lam=0.8, whiten_rewards=whiten_rewards)
+    knobs = {"temperature": 0.7, "beta": 0.1, "gamma": 0.9, "lam": 0.8, "whiten_rewards": whiten_rewards}
     batch = training_rows(prompts, completions, pad_id=0)
     with torch.no_grad():
         logps, _, values = logps_and_values(model, batch["input_ids"], batch["labels"], temperature=0.7)

@@ -34,7 +34,8 @@ from trainer.rl.rollout import RolloutLoader, cut_at_stop, generation_weights, l
 from trainer.rl.value_head import VALUE_HEAD, add_value_head, save_value_head, split_value_head
 from trainer.task import TaskContext, TaskData, TaskParts, TaskSpec, run_task
 from trainer.tuning.methods import PRECISION_DTYPES
-from trainer.tuning.save import _write_adapter as write_adapter, adapter_state, gather_trainable_state, to_hf_adapter
+from trainer.tuning.save import _write_adapter as write_adapter
+from trainer.tuning.save import adapter_state, gather_trainable_state, to_hf_adapter
 
 
 class RLData:
