@@ -1,4 +1,4 @@
-"""The `rl` section of an online-RL recipe: prompts, generation, rewards and the GRPO objective."""
+"""The `rl` section of an online-RL recipe: prompts, generation, rewards and the GRPO or PPO objective."""
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -30,15 +30,16 @@ class RewardModelSection(Section):
 class RLSection(TuningSection):
     """Prompts, how completions are sampled and scored, and the policy-gradient objective."""
 
-    algorithm: Literal["grpo", "ppo"] = Field("grpo", description="grpo (group-relative advantages); "
-                                                                    "ppo is not available yet (a clear error)")
+    algorithm: Literal["grpo", "ppo"] = Field("grpo", description="grpo (group-relative advantages) or ppo "
+                                                                    "(a value head on the policy, GAE)")
     train_files: list[str] = Field(default_factory=list, description="JSONL/JSON rows with a `prompt` (text or "
                                                                       "messages); other fields reach the rewards")
     val_files: list[str] = Field(default_factory=list, description="held-out prompts: greedy completions scored")
     chat_template: Literal["auto", "llama3", "chatml"] = Field("auto", description="auto keeps the tokenizer's own")
     max_prompt_len: int = Field(128, gt=0, description="a longer prompt is an error naming its row")
     max_new_tokens: int = Field(64, gt=0, description="completion budget; data.seq_len must hold both")
-    num_generations: int = Field(4, ge=2, description="G: completions sampled per prompt (one group)")
+    num_generations: int = Field(4, ge=1, description="G: completions sampled per prompt (one group; GRPO needs "
+                                                      "2 or more, PPO usually takes 1)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature; the loss uses the same tempered "
                                                       "distribution")
     top_k: Optional[int] = Field(None, gt=0)
@@ -59,6 +60,13 @@ class RLSection(TuningSection):
                             "LoRA/QLoRA and resident for full tuning")
     epochs: int = Field(1, gt=0, description="passes over each rollout buffer (TRL's num_iterations)")
     minibatches: int = Field(1, gt=0, description="optimizer steps per pass over a rollout buffer")
+    # PPO only (TRL's PPOTrainer defaults).
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO: discount of GAE")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO: lambda of GAE")
+    vf_coef: float = Field(0.1, ge=0, description="PPO: weight of the value loss beside the policy loss")
+    value_clip: float = Field(0.2, gt=0, description="PPO: values move at most this far from the rollout's")
+    whiten_rewards: bool = Field(False, description="PPO: whiten the per-token rewards over the buffer "
+                                                    "(mean kept) before GAE")
     method: Literal["full", "lora", "qlora"] = "full"
 
     @model_validator(mode="after")
@@ -91,9 +99,11 @@ class RLConfig(RunConfig):
 def rl_config_problems(cfg: RLConfig) -> list[str]:
     r, t = cfg.rl, cfg.train
     problems = []
-    if r.algorithm == "ppo":
-        problems.append("defaults: rl.algorithm: ppo is not available yet (its losses exist in trainer/rl/losses.py, "
-                        "the rollout with a value head does not); use grpo")
+    if r.algorithm == "grpo" and r.num_generations < 2:
+        problems.append(f"defaults: rl.num_generations: grpo needs at least 2 completions per prompt (a group), "
+                        f"got {r.num_generations}")
+    if r.algorithm == "ppo" and r.epsilon_high is not None:
+        problems.append("defaults: rl.epsilon_high: GRPO's clip-higher; ppo clips both sides with rl.epsilon")
     if cfg.data.path:
         problems.append("defaults: data.path: this task reads rl.train_files, not token shards; remove data.path")
     if not r.train_files:

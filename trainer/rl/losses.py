@@ -137,3 +137,29 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     plain = (values - returns) ** 2
     clipped = (clipped_values - returns) ** 2
     return 0.5 * torch.max(plain, clipped), clipped > plain
+
+
+def ppo_advantages(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor | None,
+                   values: torch.Tensor, mask: torch.Tensor, *, beta: float, gamma: float, lam: float,
+                   whiten_rewards: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A rollout buffer's PPO targets, as TRL's `PPOTrainer` builds them: per-token rewards
+    `-beta * (logp - ref_logp)` with the sequence score added on each row's last masked token, optionally
+    whitened (mean kept), then GAE; the advantages are whitened over the buffer's tokens.
+
+    scores: (B,); logps, ref_logps, values, mask: (B, T). Returns (per-token rewards, advantages, returns)."""
+    fmask = mask.to(values.dtype)
+    rewards = torch.zeros_like(values)
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs the reference's log-probs")
+        rewards = -beta * (logps - ref_logps) * fmask
+    positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
+    last = torch.where(mask.bool(), positions, -1).amax(dim=1)  # (B,) each completion's last token
+    if bool((last < 0).any()):
+        raise ValueError("a completion without tokens has no last token to reward")
+    rewards[torch.arange(mask.size(0), device=mask.device), last] += scores.to(rewards.dtype)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, fmask, shift_mean=False) * fmask
+    advantages, returns = gae(rewards, values, fmask, gamma, lam)
+    advantages = masked_whiten(advantages, fmask) * fmask
+    return rewards, advantages, returns

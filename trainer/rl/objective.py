@@ -1,4 +1,4 @@
-"""The GRPO objective for the loop: the policy's per-token log-probs of a rollout micro-batch and the loss.
+"""The GRPO and PPO objectives for the loop: the policy's per-token log-probs of a rollout micro-batch and the loss.
 
 Statistics are summable: `loss_sum` with its `loss_normalizer` (the loss normalization's count), and
 per-completion figures summed over completions (`count`): reward, advantage, response length, and the
@@ -13,7 +13,8 @@ from torch import nn
 
 from trainer.objectives import IGNORE_INDEX, Stats
 from trainer.rl.config import RLSection
-from trainer.rl.losses import grpo_token_losses, normalized_loss, normalizer_count
+from trainer.rl.losses import grpo_token_losses, normalized_loss, normalizer_count, ppo_policy_loss, ppo_value_loss
+from trainer.rl.value_head import value_head_of
 from trainer.token_logps import LossChunking, _max_over_ranks, chunk_tokens_for, label_logps, lm_head_of, vocab_size_of
 
 
@@ -23,8 +24,24 @@ def per_token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Ten
     """(B, T) fp32 log-probs of the labelled tokens under logits / temperature (0 elsewhere), and their
     entropies when asked (no gradient). The head is linear and bias-free, so scaling the hidden states
     by 1 / temperature scales the logits the same way, chunked head included."""
-    mask = labels != IGNORE_INDEX
     h = model(input_ids, return_hidden=True)  # (B, T, dim)
+    return logps_from_hidden(model, h, labels, temperature=temperature, chunking=chunking, entropy=entropy)
+
+
+def logps_and_values(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+                     chunking: LossChunking = "auto", entropy: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """`per_token_logps` plus the value head's (B, T) fp32 estimates at the same positions (the state before
+    each completion token), from one forward of the shared trunk (0 where there is no label)."""
+    h = model(input_ids, return_hidden=True)
+    logps, ent = logps_from_hidden(model, h, labels, temperature=temperature, chunking=chunking, entropy=entropy)
+    values = value_head_of(model)(h).squeeze(-1).float() * (labels != IGNORE_INDEX)
+    return logps, ent, values
+
+
+def logps_from_hidden(model: nn.Module, h: torch.Tensor, labels: torch.Tensor, *, temperature: float,
+                      chunking: LossChunking, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    mask = labels != IGNORE_INDEX
     h_sel = h[mask]
     if temperature != 1.0:
         h_sel = h_sel / temperature
@@ -96,5 +113,54 @@ class GRPOObjective:
             if key.startswith("reward/"):
                 stats[f"{key}_sum"] = value.float().sum()
             elif key.startswith("rollout_"):  # buffer-level figures, on the buffer's first micro-batch only
+                stats[key] = value.float()
+        return loss_sum, stats
+
+
+class PPOObjective:
+    """PPO's clipped surrogate + `vf_coef` x clipped value loss per completion token; the step's loss is the
+    sum over its tokens divided by their count (TRL's masked mean, made global over micro-batches and ranks).
+    Batches carry per-token `advantages`, `returns`, `old_values` and `old_logps` (trainer.rl.rollout)."""
+
+    def __init__(self, rl: RLSection, chunking: LossChunking = "auto"):
+        self.rl, self.chunking = rl, chunking
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["labels"] != IGNORE_INDEX).sum().float()
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        r = self.rl
+        labels = batch["labels"]
+        fmask = (labels != IGNORE_INDEX).float()
+        logps, entropy, values = logps_and_values(model, batch["input_ids"], labels, temperature=r.temperature,
+                                                  chunking=self.chunking, entropy=True)
+        policy_loss, policy_clipped = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], r.epsilon)
+        value_loss, value_clipped = ppo_value_loss(values, batch["old_values"], batch["returns"], r.value_clip)
+        loss_sum = ((policy_loss + r.vf_coef * value_loss) * fmask).sum()
+        lengths = fmask.sum(dim=1)
+
+        def completion_mean(x: torch.Tensor) -> torch.Tensor:  # sum over completions of their token means
+            return ((x.detach().float() * fmask).sum(dim=1) / lengths.clamp(min=1.0)).sum()
+
+        stats = {
+            "loss_sum": loss_sum.detach(),
+            "loss_normalizer": fmask.sum(),
+            "count": torch.tensor(float(labels.size(0)), device=labels.device),
+            "reward_sum": batch["rewards"].float().sum(),
+            "response_length_sum": lengths.sum(),
+            "entropy_sum": completion_mean(entropy),
+            "policy_loss_sum": completion_mean(policy_loss),
+            "value_loss_sum": completion_mean(value_loss),
+            "clip_fraction_sum": completion_mean(policy_clipped),
+            "value_clip_fraction_sum": completion_mean(value_clipped),
+            "value_sum": completion_mean(values),
+            "return_sum": completion_mean(batch["returns"]),
+        }
+        if "ref_logps" in batch:  # the KL the rewards were penalized with (k1 of the sampling policy)
+            stats["kl_sum"] = completion_mean(batch["old_logps"] - batch["ref_logps"])
+        for key, value in batch.items():
+            if key.startswith("reward/"):
+                stats[f"{key}_sum"] = value.float().sum()
+            elif key.startswith("rollout_"):
                 stats[key] = value.float()
         return loss_sum, stats

@@ -6,6 +6,8 @@ divided by G prompts (each rank its own prompts, every group whole on one rank),
 The buffer serves `rl.epochs x rl.minibatches` optimizer steps; with more than one, the log-probs of the
 sampling policy (`old_logps`) are computed once after generation. With `rl.beta > 0` the reference's
 per-token log-probs are computed then too, so the training step needs no reference forward.
+PPO (`rl.algorithm: ppo`) keeps the sampling policy's log-probs and the value head's estimates from the
+same forward and turns the rewards into per-token advantages and returns (GAE) before the first update.
 
 Generation runs lazily, on the first micro-batch the loop asks for after the buffer is used up, i.e.
 with the weights of the latest optimizer step. Exact resume: the state holds the prompt sampler's
@@ -27,8 +29,8 @@ from trainer.data.sampler import StatefulSampler
 from trainer.engine import zero_stage
 from trainer.objectives import IGNORE_INDEX
 from trainer.rl.config import RLSection
-from trainer.rl.losses import group_advantages
-from trainer.rl.objective import per_token_logps
+from trainer.rl.losses import group_advantages, ppo_advantages
+from trainer.rl.objective import logps_and_values, per_token_logps
 from trainer.rl.prompts import Prompt, prompts_fingerprint
 from trainer.rl.rewards import RewardFunction, combine, score
 from trainer.token_logps import LossChunking
@@ -155,31 +157,47 @@ class RolloutLoader:
         per_function = score(self.rewards, [p.text for p in rows], texts, fields, [p.where for p in rows],
                              [p.messages for p in rows])
         rewards = combine(per_function, self.rewards)
-        advantages = group_advantages(rewards, r.num_generations, scale=r.scale_rewards == "group")
         batch = training_rows([p.ids for p in rows], completions, pad_id)
-        batch.update(rewards=rewards, advantages=advantages)
+        batch["rewards"] = rewards
+        if r.algorithm == "grpo":
+            batch["advantages"] = group_advantages(rewards, r.num_generations, scale=r.scale_rewards == "group")
         for f, column in zip(self.rewards, per_function.T):
             batch[f"reward/{f.short_name}"] = column.clone()
-        if self.steps_per_buffer > 1 or self.reference is not None:
+        # PPO always needs the sampling policy's log-probs and values (they build the advantages).
+        with_old = self.steps_per_buffer > 1 or r.algorithm == "ppo"
+        if with_old or self.reference is not None:
             for lo in range(0, len(rows), self.micro_batch_size):
                 part = {k: batch[k][lo:lo + self.micro_batch_size].to(device) for k in ("input_ids", "labels")}
                 with self.accelerator.autocast():
-                    if self.steps_per_buffer > 1:
+                    if r.algorithm == "ppo":
+                        old, _, values = logps_and_values(self.model, part["input_ids"], part["labels"],
+                                                          temperature=r.temperature, chunking=self.chunking)
+                        batch.setdefault("_old", []).append(old.float().cpu())
+                        batch.setdefault("_values", []).append(values.float().cpu())
+                    elif with_old:
                         old, _ = per_token_logps(self.model, part["input_ids"], part["labels"],
                                                  temperature=r.temperature, chunking=self.chunking)
                         batch.setdefault("_old", []).append(old.float().cpu())
                     if self.reference is not None:
                         batch.setdefault("_ref", []).append(self.reference(part["input_ids"], part["labels"]).cpu())
-            if "_old" in batch:
-                batch["old_logps"] = torch.cat(batch.pop("_old"))
-            if "_ref" in batch:
-                batch["ref_logps"] = torch.cat(batch.pop("_ref"))
+            for key in ("old_logps", "ref_logps", "old_values"):
+                parts = batch.pop({"old_logps": "_old", "ref_logps": "_ref", "old_values": "_values"}[key], None)
+                if parts is not None:
+                    batch[key] = torch.cat(parts)
+        if r.algorithm == "ppo":
+            _, batch["advantages"], batch["returns"] = ppo_advantages(
+                rewards, batch["old_logps"], batch.get("ref_logps"), batch["old_values"],
+                batch["labels"] != IGNORE_INDEX, beta=r.beta, gamma=r.gamma, lam=r.lam,
+                whiten_rewards=r.whiten_rewards)
         self.model.train(was_training)
         groups = rewards.view(-1, r.num_generations)
         generated = float(sum(len(c) for c in completions))
+        # A group of one has no spread to speak of: it counts as neither group nor flat group.
+        flat = float((groups.std(dim=1) == 0).sum()) if r.num_generations > 1 else 0.0
         batch["rollout_stats"] = torch.tensor([generated, seconds, float(len(rows)), float(rewards.sum()),
-                                               float((rewards ** 2).sum()), float(groups.size(0)),
-                                               float((groups.std(dim=1) == 0).sum())], dtype=torch.float64)
+                                               float((rewards ** 2).sum()),
+                                               float(groups.size(0)) if r.num_generations > 1 else 0.0, flat],
+                                              dtype=torch.float64)
         return batch
 
     def micro_batch(self, index: int) -> Batch:
@@ -190,9 +208,9 @@ class RolloutLoader:
         # Trim the buffer's padding to this micro-batch's longest row.
         real = (part["labels"] != IGNORE_INDEX).any(dim=0).nonzero()
         width = int(real.max()) + 1 if len(real) else 1
-        for k in ("input_ids", "labels", "old_logps", "ref_logps"):
-            if k in part:
-                part[k] = part[k][:, :width]
+        for k, v in part.items():
+            if v.dim() == 2:  # the per-token columns: ids, labels, log-probs, values, advantages, returns
+                part[k] = v[:, :width]
         if index == 0:
             names = ("tokens", "seconds", "completions", "reward", "reward_sq", "groups", "zero_std_groups")
             for name, value in zip(names, self.buffer["rollout_stats"]):
@@ -238,9 +256,12 @@ def rollout_report(world_size: int) -> Callable[[dict[str, float]], dict[str, fl
             return {}
         mean = totals["rollout_reward"] / n
         var = max(totals["rollout_reward_sq"] / n - mean ** 2, 0.0) * n / max(n - 1, 1)
-        return {"rollout_reward_mean": mean, "rollout_reward_std": var ** 0.5,
-                "rollout_zero_std_groups": totals["rollout_zero_std_groups"] / max(totals["rollout_groups"], 1),
-                # Ranks generate at the same time: their mean seconds are the wall time.
-                "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["rollout_seconds"] / world_size, 1e-9)}
+        figures = {"rollout_reward_mean": mean, "rollout_reward_std": var ** 0.5,
+                   # Ranks generate at the same time: their mean seconds are the wall time.
+                   "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["rollout_seconds"] / world_size,
+                                                                          1e-9)}
+        if totals.get("rollout_groups"):  # GRPO's groups (PPO samples one completion per prompt: none)
+            figures["rollout_zero_std_groups"] = totals["rollout_zero_std_groups"] / totals["rollout_groups"]
+        return figures
 
     return report

@@ -1,18 +1,20 @@
-"""Online RL (GRPO) as a task: a policy, prompts, reward functions and a rollout loader -> the loop.
+"""Online RL (GRPO or PPO) as a task: a policy, prompts, reward functions and a rollout loader -> the loop.
 
     accelerate launch launch/rl.py --config configs/rl_RECIPE.yaml
 
 Each optimizer step's micro-batches come from `RolloutLoader` (generation with the current weights,
-rewards, group-relative advantages); the loop itself is the one every task trains through: the same
+rewards, then GRPO's group-relative advantages or PPO's value-head GAE); the loop itself is the one every task trains through: the same
 checkpoints (the rollout position, sampling RNG and any unfinished buffer included), signals and logs.
 Validation greedily completes the held-out prompts and reports their mean rewards.
 
 Run folder (`train.output_dir`): checkpoints/, tokenizer/, metrics.jsonl, and as SFT leaves them
-model/ (full tuning, an HF Llama folder) or adapter/ + adapter_hf/ (LoRA/QLoRA).
+model/ (full tuning, an HF Llama folder) or adapter/ + adapter_hf/ (LoRA/QLoRA); PPO adds value_head/.
 """
 from __future__ import annotations
 
+import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,14 +24,18 @@ from model_defs.generate import generate
 from trainer.chat import load_chat_tokenizer, stop_token_ids, template_name
 from trainer.data.sampler import StatefulSampler
 from trainer.dpo.reference import FrozenCopyReference, frozen_copy
+from trainer.export import consolidated_state_dict, with_tied_head, write_hf_folder
 from trainer.loop import RunResult
 from trainer.rl.config import RLConfig, rl_config_problems
-from trainer.rl.objective import GRPOObjective, per_token_logps
+from trainer.rl.objective import GRPOObjective, PPOObjective, per_token_logps
 from trainer.rl.prompts import Prompt, load_prompts
 from trainer.rl.rewards import RewardFunction, combine, load_reward_functions, reward_model_function, score
 from trainer.rl.rollout import RolloutLoader, cut_at_stop, generation_weights, left_pad, rollout_report
+from trainer.rl.value_head import VALUE_HEAD, add_value_head, save_value_head, split_value_head
 from trainer.task import TaskContext, TaskData, TaskParts, TaskSpec, run_task
 from trainer.tuning.methods import PRECISION_DTYPES
+from trainer.tuning.save import _write_adapter as write_adapter
+from trainer.tuning.save import adapter_state, gather_trainable_state, to_hf_adapter
 
 
 class RLData:
@@ -125,7 +131,7 @@ def build_rl(ctx: TaskContext, model: nn.Module) -> TaskParts:
     if cfg.rl.reward_model is not None:
         data.rewards.append(reward_model_function(cfg.rl.reward_model, accelerator.device,
                                                   PRECISION_DTYPES[ctx.precision]))
-    objective = GRPOObjective(cfg.rl, chunking=cfg.train.loss_chunking)
+    objective = (PPOObjective if cfg.rl.algorithm == "ppo" else GRPOObjective)(cfg.rl, chunking=cfg.train.loss_chunking)
     loader = RolloutLoader(data.train, cfg.rl, model=model, accelerator=accelerator, tokenizer=ctx.data.tokenizer,
                            rewards=data.rewards, micro_batch_size=cfg.train.micro_batch_size,
                            grad_accum_steps=cfg.train.grad_accum_steps, seed=cfg.train.seed,
@@ -158,9 +164,47 @@ def print_before_after(ctx: TaskContext, result: RunResult) -> None:
                               + ", ".join(parts))
 
 
+def add_critic(ctx: TaskContext, base: nn.Module) -> None:
+    """PPO: the reference copy first (it has no use for a value head), then the head on the policy."""
+    keep_reference_copy(ctx, base)
+    add_value_head(base)
+
+
+def save_ppo_outputs(ctx: TaskContext, result: RunResult) -> None:
+    """The standard outputs of the policy (model/ or adapter/ + adapter_hf/) without its value head, which
+    goes to value_head.safetensors beside them."""
+    accelerator, out_dir = result.accelerator, Path(ctx.cfg.train.output_dir)
+    if ctx.cfg.rl.method == "full":
+        if accelerator.is_main_process and result.final_checkpoint is not None:
+            state = with_tied_head(consolidated_state_dict(result.final_checkpoint), ctx.model_cfg)
+            policy, head = split_value_head(state)
+            write_hf_folder(policy, ctx.model_cfg, out_dir / "model", tokenizer_dir=out_dir / "tokenizer",
+                            overwrite=True)
+            saved = save_value_head(head, out_dir)
+            accelerator.print(f"tuned policy exported to {out_dir / 'model'}, its value head to {saved}")
+        accelerator.wait_for_everyone()
+        return
+    _, trainable = gather_trainable_state(accelerator, result.model)
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(result.model, keep_torch_compile=False)
+        state, head = split_value_head(adapter_state(model, trainable))
+        # The saved adapter is the policy's alone: loaded onto a plain Transformer, which has no value head.
+        config = copy.deepcopy(model.peft_config["default"])
+        config.modules_to_save = None
+        write_adapter(out_dir / "adapter", state, config, ctx.data.tokenizer)
+        hf_state, hf_config = to_hf_adapter(state, config)
+        write_adapter(out_dir / "adapter_hf", hf_state, hf_config, ctx.data.tokenizer)
+        saved = save_value_head(head, out_dir)
+        accelerator.print(f"adapter saved to {out_dir / 'adapter'} (HF Llama names: {out_dir / 'adapter_hf'}), "
+                          f"value head to {saved}")
+    accelerator.wait_for_everyone()
+
+
 RL = TaskSpec(name="rl", tuning_section="rl", check_config=rl_config_problems, load_data=load_rl_data,
               before_tuning=keep_reference_copy, build=build_rl, finish=print_before_after)
+# The same task with PPO's value head on the policy: an adapter trains the head in full.
+RL_PPO = replace(RL, before_tuning=add_critic, modules_to_save=(VALUE_HEAD,), save_outputs=save_ppo_outputs)
 
 
 def run_rl(cfg: RLConfig, resume: str | None = None) -> RunResult:
-    return run_task(cfg, RL, resume)
+    return run_task(cfg, RL_PPO if cfg.rl.algorithm == "ppo" else RL, resume)
