@@ -17,11 +17,6 @@ torch.set_num_threads(1 if IN_XDIST_WORKER else max(1, min(2, os.cpu_count() or 
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        # `--dist loadgroup` then keeps a module on one worker (its module fixtures are built once)
-        # and every Slurm test on one worker, since they share one session-wide cluster.
-        group = "slurm" if "slurm" in item.keywords else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

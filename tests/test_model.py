@@ -223,12 +223,12 @@ def _fake_flash_attn_module():
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
         return out.transpose(0, 1)
 
-    def flash_attn_func(q, k, v, causal):
-        assert causal
+    def flash_attn_func(q, k, v, causal, window_size=(-1, -1)):
+        assert causal and tuple(window_size) == (-1, -1)
         return torch.stack([_causal(q[b], k[b], v[b]) for b in range(q.shape[0])])
 
-    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal):
-        assert causal and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal, window_size=(-1, -1)):
+        assert causal and tuple(window_size) == (-1, -1) and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
         bounds = cu_q.tolist()
         assert max_q == max_k == max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
         return torch.cat([_causal(q[s:e], k[s:e], v[s:e]) for s, e in zip(bounds[:-1], bounds[1:])])
