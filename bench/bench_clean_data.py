@@ -44,7 +44,6 @@ def make_corpus(root: Path, docs: int, files: int, seed: int) -> tuple[int, int]
             rows.append(dict(r, id=f"{k}-{r['id']}"))
     rows = rows[:docs]
     raw = root / "raw"
-    shutil.rmtree(raw, ignore_errors=True)
     raw.mkdir()
     for i in range(files):
         (raw / f"part{i:03d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[i::files]))
@@ -117,6 +116,10 @@ def main() -> int:
     if args.worker:
         return worker(args)
 
+    if args.workdir and Path(args.workdir).exists() and any(Path(args.workdir).iterdir()):
+        # The bench writes and replaces raw/ and out_*/ in it: never in a folder holding someone's files.
+        print(f"error: --workdir {args.workdir} is not empty; give a new or empty folder", file=sys.stderr)
+        return 2
     work, tmp = work_folder(args.workdir, "bench_clean_data_")
     n_docs, n_bytes = make_corpus(work, args.docs, args.files, args.seed)
     results: dict[str, list[dict]] = {c: [] for c in args.only}
