@@ -126,3 +126,16 @@ def test_unreadable_trainer_state_is_named(tmp_path):
         (tmp_path / TRAINER_STATE).write_text(text)
         with pytest.raises(ValueError, match=rf"{TRAINER_STATE}: (unreadable trainer state|not the trainer state)"):
             _trainer_state(tmp_path)
+
+
+def test_a_permission_error_is_one_line(capsys):
+    # Root may write anywhere, so an unwritable output_dir cannot be staged here; its error class can.
+    from trainer.cli import guarded
+
+    def main():
+        raise PermissionError(13, "Permission denied", "/srv/runs/out")
+
+    with pytest.raises(SystemExit) as exit_info:
+        guarded(main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: [Errno 13] Permission denied: '/srv/runs/out'"

@@ -67,5 +67,5 @@ def guarded(main: Callable[[], int | None]) -> int:
         return 2
     except NonFiniteLossError as err:
         fail(str(err), code=3)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, PermissionError, ValueError) as err:  # an unwritable output_dir is PermissionError
         fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
