@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on a laptop CPU, on data this project generates itself (no downloads):
 # demo data -> tokenizer -> token shards -> pretraining -> LoRA SFT (before/after generations)
-# -> merged export -> DPO (held-out preference accuracy before/after) -> a reward model on the same pairs
+# -> merged export -> preference tuning on the SFT model's own wrong answers (held-out accuracy before/after)
+# -> a reward model on the made-up correct/wrong pairs
 # -> a comparison report of base, SFT and DPO (launch/compare.py).
 # (No GRPO stage: on this demo it does not raise held-out accuracy; docs/rl.md#figures.)
 # Everything lands under runs/demo/ (override with RUN=...). A few minutes on 2 cores.
@@ -42,11 +43,16 @@ echo "-- after (LoRA SFT)";        python launch/generate.py --model "$RUN/sft" 
 step "6. merge the LoRA adapter into the base: a plain HF Llama folder (transformers, vLLM, lm-eval load it)"
 python launch/export_hf.py --adapter "$RUN/sft/adapter" "$RUN/sft/model"
 
-step "7. preference tuning (ORPO): the correct answer versus a wrong one (held-out accuracy before -> after)"
-rm -rf "$RUN/dpo"
+step "7. preference tuning (ORPO) on the SFT model's own mistakes: it answers the pair questions, each wrong answer is rejected against the correct one (held-out accuracy before -> after)"
+rm -rf "$RUN/onpolicy" "$RUN/dpo"
+for split in dpo dpo_eval; do
+    python launch/synthesize.py onpolicy --questions "$RUN/data/raw/$split.jsonl" --reference-key chosen \
+        --model "$RUN/sft/model" --out "$RUN/onpolicy/$split" --max-tokens 48 --batch-size 64 --chunk-size 256 \
+        --no-progress
+done
 "${LAUNCH[@]}" launch/dpo.py --config configs/demo_dpo_cpu.yaml \
     model.init_from="$RUN/sft/model" \
-    "dpo.train_files=[$RUN/data/raw/dpo.jsonl]" "dpo.val_files=[$RUN/data/raw/dpo_eval.jsonl]" \
+    "dpo.train_files=[$RUN/onpolicy/dpo/pairs.jsonl]" "dpo.val_files=[$RUN/onpolicy/dpo_eval/pairs.jsonl]" \
     train.output_dir="$RUN/dpo"
 
 step "8. reward model: a score head on the SFT model's trunk, LoRA, the same pairs (held-out accuracy before -> after)"

@@ -4,6 +4,7 @@
     python launch/synthesize.py filter --input magpie.jsonl --out cleaned/ [step_params.instruction_rules.min_words=10 ...]
     python launch/synthesize.py preferences --instructions cleaned/data --model A --model B --model C \\
         --reward-model runs/reward --out prefs/
+    python launch/synthesize.py onpolicy --questions qa.jsonl --model runs/sft --out onpolicy/
 
 MODEL: one of our checkpoints or run folders, or a local HF model folder, with its tokenizer and chat
 template. Outputs are written in chunks; rerunning the same command after an interruption continues
@@ -86,6 +87,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     prefs.add_argument("--max-prompt-len", type=int, default=None)
     _sampling_args(prefs, "", 0.7, 0.9, 512, "answers")
     _common(prefs)
+
+    onpolicy = sub.add_parser("onpolicy", help="the model answers questions with known answers; "
+                                               "each wrong answer is rejected against the reference")
+    onpolicy.add_argument("--questions", required=True,
+                          help="rows with a prompt ('instruction', 'prompt' or 'messages') and a reference answer")
+    onpolicy.add_argument("--reference-key", default="answer", help="the field holding the reference answer")
+    onpolicy.add_argument("--model", required=True, help="the policy: our checkpoint / run folder or an HF folder")
+    onpolicy.add_argument("--tokenizer", help="tokenizer folder (default: found beside the model)")
+    onpolicy.add_argument("--match", default="exact", choices=["exact", "normalized"],
+                          help="exact: equal after stripping; normalized: also case, spacing and a final stop")
+    onpolicy.add_argument("--out", required=True, help="output folder (answers, pairs.jsonl, summary.json)")
+    _sampling_args(onpolicy, "", 0.0, 1.0, 256, "answers")
+    _common(onpolicy)
     return parser.parse_args(argv)
 
 
@@ -133,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         dropped = ", ".join(f"{k.removeprefix('dropped_')} {v}" for k, v in counters.items() if k != "kept")
         print(f"magpie: {counters['kept']} rows kept of {args.num_items} items (dropped: {dropped}) -> {args.out}")
         return 0
+    if args.command == "onpolicy":
+        return run_onpolicy_command(args)
     from trainer.synthesize.preferences import PreferenceSettings, run_preferences
 
     summary = run_preferences(PreferenceSettings(
@@ -143,6 +159,20 @@ def main(argv: list[str] | None = None) -> int:
         max_prompt_len=args.max_prompt_len, backend=args.backend, device=args.device, bf16=args.bf16,
         progress=not args.no_progress))
     print_summary(summary, args.out)
+    return 0
+
+
+def run_onpolicy_command(args) -> int:
+    from trainer.synthesize.onpolicy import OnPolicySettings, run_onpolicy
+
+    summary = run_onpolicy(OnPolicySettings(
+        questions=args.questions, model=args.model, out=args.out, tokenizer=args.tokenizer,
+        reference_key=args.reference_key, match=args.match, chat_template=args.chat_template,
+        sampling=_sampling(args, ""), seed=args.seed, batch_size=args.batch_size, chunk_size=args.chunk_size,
+        backend=args.backend, device=args.device, bf16=args.bf16, progress=not args.no_progress))
+    print(f"onpolicy: {summary['correct']} of {summary['questions']} answered correctly ({summary['match']} match), "
+          f"{summary['empty']} empty; {summary['pairs']} pairs (reference chosen, own answer rejected) "
+          f"-> {args.out}/pairs.jsonl")
     return 0
 
 

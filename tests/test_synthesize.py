@@ -365,6 +365,48 @@ def test_preferences_bad_input(work, tmp_path, capsys):
     assert "not written by this command" in capsys.readouterr().err
 
 
+def _onpolicy(work: Path, questions: Path, out: Path, *extra):
+    return synth("onpolicy", "--questions", questions, "--model", work / "g0", "--out", out, "--max-tokens", 8,
+                 "--batch-size", 2, "--chunk-size", 3, "--device", "cpu", "--no-progress", *extra)
+
+
+def test_onpolicy_pairs_reject_the_models_own_wrong_answers(work, tmp_path, capsys):
+    from trainer.dpo.data import load_pairs
+
+    questions = [f"Say something about the number {i}." for i in range(5)]
+    first = write_jsonl(tmp_path / "q.jsonl", [{"prompt": q, "answer": f"Reference {i}."}
+                                               for i, q in enumerate(questions)])
+    assert _onpolicy(work, first, tmp_path / "a") == 0
+    answers = [r["response"] for r in read_jsonl(tmp_path / "a" / "answers-0.jsonl")]
+    assert len(answers) == 5 and all(a.strip() for a in answers)
+    pairs = read_jsonl(tmp_path / "a" / "pairs.jsonl")
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(f"Reference {i}.", a) for i, a in enumerate(answers)]
+    assert "0 of 5 answered correctly" in capsys.readouterr().out
+
+    # Greedy answers are the model's own: given as references (one with other case and spacing), those
+    # questions count as correct and make no pair; the rest still pair against their references.
+    rows = [{"prompt": q, "gold": answers[i] if i < 2 else f"Reference {i}."} for i, q in enumerate(questions)]
+    rows[1]["gold"] = "  " + answers[1].upper().replace(" ", "  ") + "."
+    second = write_jsonl(tmp_path / "q2.jsonl", rows)
+    assert _onpolicy(work, second, tmp_path / "b", "--reference-key", "gold") == 0
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert (summary["correct"], summary["wrong"], summary["pairs"]) == (1, 4, 4)
+    assert [r["response"] for r in read_jsonl(tmp_path / "b" / "answers-0.jsonl")] == answers
+    # The match rule is applied when pairing, so it reuses the folder's answers.
+    assert _onpolicy(work, second, tmp_path / "b", "--reference-key", "gold", "--match", "normalized") == 0
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert (summary["correct"], summary["pairs"]) == (2, 3)
+    assert len(load_pairs([tmp_path / "b" / "pairs.jsonl"], on_identical="error", on_empty="error")) == 3
+    assert _onpolicy(work, second, tmp_path / "b", "--reference-key", "gold", "--temperature", "0.7") == 2
+    assert "other settings (sampling:" in capsys.readouterr().err
+
+    # A row without its reference answer is one line naming file:line, before anything is written.
+    assert _onpolicy(work, second, tmp_path / "c") == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{second}:1: no reference answer: 'answer'" in err and err.count("\n") == 0
+    assert not (tmp_path / "c").exists()
+
+
 # ----------------------------------------------------------------------------- processes
 
 

@@ -36,7 +36,7 @@ _SHAPES = "'instruction', 'prompt' (text or messages) or 'messages'"
 # ----------------------------------------------------------------------------- instructions
 
 
-def _prompt_of(row: Any) -> list[dict]:
+def prompt_of(row: Any) -> list[dict]:
     """The prompt conversation of one instruction row; ValueError says what is wrong."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object with {_SHAPES}, got {type(row).__name__}")  # noqa: TRY004
@@ -58,7 +58,7 @@ def _prompt_of(row: Any) -> list[dict]:
             if isinstance(value, str) and value.strip():
                 return [{"role": "user", "content": value}]
             if key == "prompt" and isinstance(value, list):
-                return _prompt_of({"messages": value})
+                return prompt_of({"messages": value})
             raise ValueError(f"'{key}' must be a non-empty string")
     raise ValueError(f"expected {_SHAPES}; the row has {', '.join(sorted(row)) or 'no fields'}")
 
@@ -83,7 +83,7 @@ def read_instructions(path: str | Path) -> list[list[dict]]:
     for file in instruction_files(path):
         for where, row in iter_rows(file):
             try:
-                prompts.append(_prompt_of(row))
+                prompts.append(prompt_of(row))
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
     if not prompts:
@@ -145,9 +145,9 @@ class PreferenceSettings:
                 "max_prompt_len": self.max_prompt_len, "backend": self.backend, "bf16": self.bf16}
 
 
-def _open_folder(out: Path, recorded: dict) -> None:
+def open_output_folder(out: Path, recorded: dict, settings_name: str = SETTINGS_FILE) -> None:
     """Create the folder, or check that an existing one holds this configuration's work."""
-    settings = out / SETTINGS_FILE
+    settings = out / settings_name
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: not a folder")
     if settings.is_file():
@@ -159,7 +159,7 @@ def _open_folder(out: Path, recorded: dict) -> None:
                              f"{recorded.get(key)!r} now); rerun with the same settings or choose another --out")
         return
     if out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"{out}: a non-empty folder without {SETTINGS_FILE}, not written by this command; "
+        raise ValueError(f"{out}: a non-empty folder without {settings_name}, not written by this command; "
                          "choose another --out")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: no such folder for the output")
@@ -170,8 +170,10 @@ def _open_folder(out: Path, recorded: dict) -> None:
 # ----------------------------------------------------------------------------- the passes
 
 
-def _answer_pass(s: PreferenceSettings, k: int, prompts: list[list[dict]], out: Path, recorded: dict,
-                 device: torch.device, bar) -> None:
+def answer_pass(s, k: int, prompts: list[list[dict]], out: Path, recorded: dict,
+                device: torch.device, bar) -> None:
+    """Model k's answers to every prompt into answers-<k>.jsonl; `s` is any settings object with the
+    answering fields of PreferenceSettings (models, tokenizer_of, sampling, seed, batching, backend)."""
     from trainer.chat import prompt_ids
 
     answers = ChunkedJsonl(out / f"answers-{k}.jsonl", {**recorded, "pass": f"answers-{k}"})
@@ -303,10 +305,10 @@ def run_preferences(s: PreferenceSettings) -> dict:
     device = resolve_device(s.device)
     out = Path(s.out)
     recorded = s.recorded(fingerprint(files))
-    _open_folder(out, recorded)
+    open_output_folder(out, recorded)
     with item_progress(s.progress) as bar:
         for k in range(len(s.models)):
-            _answer_pass(s, k, prompts, out, recorded, device, bar)
+            answer_pass(s, k, prompts, out, recorded, device, bar)
         _score_pass(s, prompts, out, recorded, device, source, bar)
     responses = []
     for k in range(len(s.models)):
