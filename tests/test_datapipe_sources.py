@@ -50,11 +50,14 @@ def plant(root: Path) -> dict:
     books = [{"content": t, "url": f"b{i}"} for i, t in enumerate(b)]
     books += [{"content": u[2], "url": "b-copy-u2"}, {"content": u[3], "url": "b-copy-u3"},
               {"content": near(u[4], "b"), "url": "b-near-u4"}, {"content": near(u[5], "b"), "url": "b-near-u5"}]
+    # a five-document cluster whose first member is in web: datatrove's union by size could keep another
+    books += [{"content": near(u[6], f"b{i}"), "url": f"b-near-u6-{i}"} for i in range(2)]
     (root / "books").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(books), root / "books" / "books.parquet")
     wiki = [{"body": k[0], "url": "k0"}, {"body": k[1], "url": "k1"}, {"body": near(k[0], "k"), "url": "k-near-k0"},
             {"body": b[1], "url": "k-copy-b1"}, {"body": near(b[2], "k"), "url": "k-near-b2"},
             {"body": near(u[5], "k"), "url": "k-near-u5"}]
+    wiki += [{"body": near(u[6], f"k{i}"), "url": f"k-near-u6-{i}"} for i in range(2)]
     datasets.Dataset.from_list(wiki).save_to_disk(str(root / "wiki"), num_shards=2)
     kept = {("web", t) for t in u} | {("web", near(b[0], "w"))} | {("books", t) for t in b[1:]} \
         | {("wiki", t) for t in k}
@@ -63,8 +66,8 @@ def plant(root: Path) -> dict:
 
 EXACT = {"web": {"web": 1, "books": 0, "wiki": 0}, "books": {"web": 2, "books": 0, "wiki": 0},
          "wiki": {"web": 0, "books": 1, "wiki": 0}}
-NEAR = {"web": {"web": 0, "books": 0, "wiki": 0}, "books": {"web": 3, "books": 0, "wiki": 0},
-        "wiki": {"web": 1, "books": 1, "wiki": 1}}
+NEAR = {"web": {"web": 0, "books": 0, "wiki": 0}, "books": {"web": 5, "books": 0, "wiki": 0},
+        "wiki": {"web": 3, "books": 1, "wiki": 1}}
 
 
 def config(root: Path, out: str, **executor) -> dict:
@@ -106,8 +109,8 @@ def test_cross_source_dedup_priority_overlap_and_workers(tmp_path):
     assert section["overlap"] == {"exact_dedup": EXACT, "minhash_dedup": NEAR}
     assert section["table"] == {
         "web": {"docs_in": 10, "removed": {"exact_dedup": 1, "minhash_dedup": 0}, "docs_kept": 9},
-        "books": {"docs_in": 8, "removed": {"exact_dedup": 2, "minhash_dedup": 3}, "docs_kept": 3},
-        "wiki": {"docs_in": 6, "removed": {"exact_dedup": 1, "minhash_dedup": 3}, "docs_kept": 2},
+        "books": {"docs_in": 10, "removed": {"exact_dedup": 2, "minhash_dedup": 5}, "docs_kept": 3},
+        "wiki": {"docs_in": 8, "removed": {"exact_dedup": 1, "minhash_dedup": 5}, "docs_kept": 2},
     }
     # the matrices' rows add up to what each step removed from that source
     for label, matrix in section["overlap"].items():
