@@ -161,7 +161,7 @@ def test_schema_error_is_one_line_from_the_cli(tmp_path):
     cfg.write_text(f"recipe: custom\nsteps: [exact_dedup]\noutput: {{path: {tmp_path / 'out'}}}\n"
                    f"sources:\n  web: {{path: {tmp_path / 'web'}}}\n  books: {{path: {tmp_path / 'books'}}}\n")
     proc = subprocess.run([sys.executable, "launch/clean_data.py", "--config", str(cfg)], capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
