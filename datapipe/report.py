@@ -178,7 +178,7 @@ def _print_sources(section: dict, console: Console) -> None:
         table.add_row(name, f"{row['docs_in']:,}", *(f"{row['removed'][s]:,}" for s in steps), f"{row['docs_kept']:,}")
     console.print(table)
     for label, matrix in section["overlap"].items():
-        overlap = Table(title=f"{label}: removed from (row) as a duplicate of the copy kept from (column)")
+        overlap = Table(title=f"{label}: removed from (row), kept copy from (column)")
         for col in ("removed from", *names):
             overlap.add_column(col, justify="left" if col == "removed from" else "right")
         for name in names:
