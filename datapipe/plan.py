@@ -16,7 +16,8 @@ from datatrove.pipeline.base import PipelineStep
 from datapipe.accounting import (
     Meter, OutputJsonlWriter, OutputParquetWriter, RemovedWriter, StageWriter, TimedSink,
 )
-from datapipe.config import PipelineConfig, recipe_steps, step_labels
+from datapipe.config import ConfigError, PipelineConfig, recipe_steps, step_labels
+from datapipe.cross_dedup import MAX_PRIORITY
 from datapipe.readers import RankFileReader
 from datapipe.sources import count_input_shards, make_reader, multi_source_reader
 from datapipe.steps import STREAM_STEPS, build_global_step, build_stream_step
@@ -78,6 +79,9 @@ def build_stages(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
     else:
         reader, names = multi_source_reader(cfg), list(cfg.sources)
         tasks = cfg.executor.tasks or len(reader.units)
+        if tasks > MAX_PRIORITY:
+            raise ConfigError(f"executor.tasks: at most {MAX_PRIORITY} tasks with sources "
+                              f"(dedup priority is 16 bits); this run would have {tasks}")
     removed, work = str(layout.removed), str(layout.work)
 
     stages: list[Stage] = []

@@ -115,9 +115,15 @@ def _first_row_schema(reader: PipelineStep, inp: InputConfig, path: str) -> tupl
             try:
                 row = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise BadInputError(f"{where}:{line_no}: unreadable first row ({err})") from None
+                problem = f"{where}:{line_no}: unreadable row ({err})"
+                row = None
+            else:
+                problem = f"{where}:{line_no}: expected a JSON object, got {type(row).__name__}"
+            usable = isinstance(row, dict) and isinstance(row.get(inp.text_field), str)
+            if not usable and inp.on_bad_input == "skip":
+                continue  # the reader skips and counts it too; the schema is the first row it keeps
             if not isinstance(row, dict):
-                raise BadInputError(f"{where}:{line_no}: expected a JSON object, got {type(row).__name__}")
+                raise BadInputError(problem)
             return f"{where}:{line_no}", {k: _json_type(v) for k, v in row.items()}
     return where, {}  # an empty file adds no rows, so it cannot disagree
 

@@ -180,3 +180,18 @@ def test_sources_config_errors(tmp_path):
         validate_config({"sources": {"a b": {"path": str(tmp_path / "a")}, "c": {"path": str(tmp_path / "nope")}},
                          "output": {"path": str(tmp_path / "o")}})
     assert "sources.a b: source names use" in str(err.value) and "sources.c.path:" in str(err.value)
+
+
+def test_skipped_first_row_is_not_the_schema(tmp_path):
+    write_jsonl(tmp_path / "web" / "a.jsonl", [{"text": "one", "url": "u"}])
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "a.jsonl").write_text('{"broken\n' + json.dumps({"text": "two", "url": "v"}) + "\n"
+                                               + json.dumps({"text": "three"}) + "\n")
+    cfg = {"recipe": "custom", "steps": ["exact_dedup"], "output": {"path": str(tmp_path / "out")},
+           "sources": {"web": {"path": str(tmp_path / "web")},
+                       "books": {"path": str(tmp_path / "books"), "on_bad_input": "skip"}}}
+    report = run_pipeline(validate_config(cfg))
+    assert [r["url"] for r in kept_rows(tmp_path / "out")] == ["v", "u"]
+    # the unparsable row and the row without `url` are skipped and counted, not merged
+    assert report["input"]["counts"]["bad_input"] == 2
+    assert report["input"]["counts"]["bad_input_schema_mismatch"] == 1
