@@ -1,6 +1,6 @@
 """What deduplicating named sources costs next to one input holding the same files (docs/data.md).
 
-    python bench/bench_sources.py [--docs 600] [--workers 2] [--rounds 3] [--workdir DIR] [--json OUT]
+    python bench/bench_sources.py [--docs 1500] [--workers 2] [--rounds 5] [--workdir DIR] [--json OUT]
 
 One planted web corpus (datapipe.synthetic.web_corpus: exact and near copies) is split into three
 JSONL folders. Contenders, alternating in rounds, each in a child process:
@@ -33,8 +33,8 @@ STEPS = ["exact_dedup", "minhash_dedup"]
 def make_corpus(raw: Path, docs: int) -> int:
     from datapipe.synthetic import web_corpus
 
-    n_unique = max(10, docs // 2)
-    rows = web_corpus(seed=11, n_unique=n_unique, n_exact=docs // 8, near_per_rate=max(1, docs // 40),
+    # 2/3 unique, 1/6 exact copies, 1/6 near copies (web_corpus plants 5 edit rates)
+    rows = web_corpus(seed=11, n_unique=max(10, docs * 2 // 3), n_exact=docs // 6, near_per_rate=max(1, docs // 30),
                       n_foreign=0, n_boilerplate=0, n_repetitive=0)
     for i, name in enumerate(SOURCES):
         folder = raw / name
@@ -66,13 +66,13 @@ def worker(name: str, raw: Path, out: Path, workers: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=600, help="about this many documents in all")
+    parser.add_argument("--docs", type=int, default=1500, help="documents in all (2/3 unique, 1/3 planted copies)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="an empty or missing folder (default: a temporary one)")
     parser.add_argument("--worker", choices=NAMES, help=argparse.SUPPRESS)
     parser.add_argument("--raw", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    add_round_args(parser)
+    add_round_args(parser, rounds=5)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, Path(args.raw), Path(args.out), args.workers)
