@@ -11,9 +11,11 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.writers.jsonl import JsonlWriter
 from datatrove.pipeline.writers.parquet import ParquetWriter
 
-from datapipe.readers import FIELDS_KEY, TEXT_FIELD_KEY
+from datapipe.readers import FIELDS_KEY, SOURCE_KEY, TEXT_FIELD_KEY
 
 METER_PREFIX = "meter:"
+# Meters also count documents per source (runs over several sources): "source:<name>".
+SOURCE_STAT_PREFIX = "source:"
 COUNTS_DIR = "_counts"
 
 
@@ -44,6 +46,9 @@ class Meter(PipelineStep):
                 break
             self.stat_update("docs")
             self.stat_update("bytes", value=len(doc.text.encode("utf-8")))
+            source = doc.metadata.get(SOURCE_KEY)
+            if source is not None:
+                self.stat_update(SOURCE_STAT_PREFIX + source)
             yield doc
         self.stat_update("pull_seconds", value=pulled, unit="task")
 
@@ -123,6 +128,7 @@ def output_row(document: Document, annotations: bool = False) -> dict:
     """The input row with its text replaced: SFT rows keep all their fields, web rows stay {"text", ...}."""
     meta = dict(document.metadata)
     fields = meta.pop(FIELDS_KEY, None)
+    meta.pop(SOURCE_KEY, None)  # the source is a row field under the configured `source_field`
     text_field = meta.pop(TEXT_FIELD_KEY, "text")
     if fields is None:
         row = {"id": document.id, "text": document.text}

@@ -4,6 +4,7 @@ Every problem is collected and reported at once, each naming its key and the fil
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -63,9 +64,16 @@ class ExecutorConfig(_Section):
     slurm: SlurmConfig | None = Field(None, description="Required when kind is slurm.")
 
 
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
 class PipelineConfig(_Section):
     recipe: Literal["web", "code", "instructions", "custom"] = Field("web", description="Default step list.")
-    input: InputConfig
+    input: InputConfig | None = Field(None, description="The one input; or name several under `sources`.")
+    sources: dict[str, InputConfig] | None = Field(
+        None, description="Several named inputs, deduplicated against each other; listed in priority order "
+                          "(a duplicate keeps the copy from the source listed first).")
+    source_field: str = Field("source", description="With `sources`: the output field naming each row's source.")
     output: OutputConfig
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     steps: list[str | dict[str, dict[str, Any] | None]] | None = Field(
@@ -75,6 +83,13 @@ class PipelineConfig(_Section):
     tokenizer: Literal["shared", "datatrove"] = Field(
         "shared", description="shared: each text is word/sentence-tokenized once for all steps (same spaCy "
                               "rules, same decisions); datatrove: every step tokenizes on its own (slow).")
+
+
+def input_sources(cfg: PipelineConfig) -> list[tuple[str, InputConfig]]:
+    """(name, input) in priority order; a single `input` is one source named "input"."""
+    if cfg.sources is not None:
+        return list(cfg.sources.items())
+    return [("input", cfg.input)] if cfg.input is not None else []
 
 
 def recipe_steps(cfg: PipelineConfig) -> list[tuple[str, dict]]:
@@ -160,8 +175,18 @@ def validate_config(data: dict, source: str = "<config>") -> PipelineConfig:
         errors.append(f"steps: only for recipe 'custom' (recipe {cfg.recipe!r} has its own; use step_params)")
     if cfg.executor.kind == "slurm" and cfg.executor.slurm is None:
         errors.append("executor.slurm: required when executor.kind is slurm")
-    if not Path(cfg.input.path).exists():
-        errors.append(f"input.path: {cfg.input.path} does not exist")
+    if (cfg.input is None) == (cfg.sources is None):
+        errors.append("input, sources: give exactly one (one input, or several named sources)")
+    if cfg.sources is not None and not cfg.sources:
+        errors.append("sources: needs at least one source")
+    if cfg.sources is not None and cfg.source_field == "text":
+        errors.append("source_field: 'text' is the merged output's text field; choose another name")
+    for name, inp in input_sources(cfg):
+        key = "input" if cfg.sources is None else f"sources.{name}"
+        if cfg.sources is not None and not SOURCE_NAME.fullmatch(name):
+            errors.append(f"{key}: source names use letters, digits, '_', '.', '-' only")
+        if not Path(inp.path).exists():
+            errors.append(f"{key}.path: {inp.path} does not exist")
     malformed = [item for item in cfg.steps or [] if isinstance(item, dict) and len(item) != 1]
     errors += [f"steps: each item is a name or a one-key mapping, got keys {sorted(item)}" for item in malformed]
     if not malformed and not (cfg.recipe == "custom" and not cfg.steps):

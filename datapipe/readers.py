@@ -18,6 +18,8 @@ BadInputPolicy = Literal["error", "skip"]
 # Keys the pipeline adds to metadata; never confused with the input row's own fields.
 FIELDS_KEY = "_fields"
 TEXT_FIELD_KEY = "_text_field"
+# The name of the source a document came from, when a run reads several (datapipe/sources.py).
+SOURCE_KEY = "_source"
 
 
 class BadInputError(ValueError):
@@ -42,6 +44,8 @@ class _StrictMixin:
 
     text_field: str
     on_bad_input: BadInputPolicy
+    # Set when several sources merge into one output: every row must have exactly these fields.
+    expected_fields: frozenset[str] | None = None
 
     def _bad(self, path: str, line: int, kind: str, reason: str) -> None:
         message = f"{self._where(path)}:{line}: {reason}"
@@ -67,6 +71,11 @@ class _StrictMixin:
         if not isinstance(text, str):
             self._bad(path, line, "text_not_string",
                       f"text field {self.text_field!r} is {type(text).__name__}, not a string")
+            return None
+        if self.expected_fields is not None and set(row) != self.expected_fields:
+            self._bad(path, line, "schema_mismatch",
+                      f"fields differ from the source's first row: missing {sorted(self.expected_fields - set(row))}, "
+                      f"extra {sorted(set(row) - self.expected_fields)}")
             return None
         if not text.strip():
             # Empty documents are valid input, just useless: counted, never an error.
@@ -204,10 +213,13 @@ class HFDatasetFolderReader(_StrictMixin, BaseReader):
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
-        ds = self.load()
-        shard = ds.shard(num_shards=world_size, index=rank, contiguous=True)
+        yield from self.read_shard(self.load(), rank, world_size)
+
+    def read_shard(self, ds, index: int, num_shards: int) -> DocumentsPipeline:
+        """The `index`-th of `num_shards` contiguous slices of the dataset."""
+        shard = ds.shard(num_shards=num_shards, index=index, contiguous=True)
         # Row numbers in messages are global, so a user can find the row in the full dataset.
-        offset = sum(len(ds) // world_size + (1 if i < len(ds) % world_size else 0) for i in range(rank))
+        offset = sum(len(ds) // num_shards + (1 if i < len(ds) % num_shards else 0) for i in range(index))
         for i, row in enumerate(shard):
             doc = self._check_row(row, self.path, offset + i + 1)
             if doc is not None:

@@ -13,7 +13,8 @@ from datatrove.utils.stats import PipelineStats
 from rich.console import Console
 from rich.table import Table
 
-from datapipe.accounting import COUNTS_DIR, METER_PREFIX
+from datapipe.accounting import COUNTS_DIR, METER_PREFIX, SOURCE_STAT_PREFIX
+from datapipe.cross_dedup import OVERLAP_FILE
 from datapipe.plan import INPUT_LABEL, Layout, Stage
 
 # Step counters worth surfacing (everything else datatrove counts stays in the stats files).
@@ -43,8 +44,25 @@ def _removed_counts(layout: Layout, label: str) -> dict[str, dict[str, int]]:
     return dict(reasons)
 
 
-def build_report(stages: list[Stage], layout: Layout, labels: list[str]) -> dict:
+def _source_section(labels: list[str], per_source: dict[str, dict[str, int]], layout: Layout,
+                    names: list[str]) -> dict:
+    """Per source: documents in, removed by each step, kept; and each dedup step's overlap matrix."""
+    table = {}
+    for name in names:
+        counts = [per_source.get(label, {}).get(name, 0) for label in labels]
+        table[name] = {"docs_in": counts[0],
+                       "removed": {label: before - after for label, before, after
+                                   in zip(labels[1:], counts, counts[1:])},
+                       "docs_kept": counts[-1]}
+    overlap = {label: json.loads((layout.work / label / OVERLAP_FILE).read_text())
+               for label in labels[1:] if (layout.work / label / OVERLAP_FILE).is_file()}
+    return {"order": names, "table": table, "overlap": overlap}
+
+
+def build_report(stages: list[Stage], layout: Layout, labels: list[str], sources: list[str] | None = None) -> dict:
+    """`sources`: names of a run's several sources, for the per-source table and overlap matrices."""
     meters: dict[str, dict[str, int]] = {}
+    per_source: dict[str, dict[str, int]] = {}
     seconds: dict[str, float] = defaultdict(float)
     counters: dict[str, dict[str, int]] = defaultdict(dict)
     for stage in stages:
@@ -63,6 +81,8 @@ def build_report(stages: list[Stage], layout: Layout, labels: list[str]) -> dict
                 last_pull = pull
                 meters[label] = {"docs": int(_total(values.get("docs", 0))),
                                  "bytes": int(_total(values.get("bytes", 0)))}
+                per_source[label] = {k[len(SOURCE_STAT_PREFIX):]: int(_total(v)) for k, v in values.items()
+                                     if k.startswith(SOURCE_STAT_PREFIX)}
                 continue
             label = stage.step_at.get(i)
             if label is None:
@@ -89,13 +109,16 @@ def build_report(stages: list[Stage], layout: Layout, labels: list[str]) -> dict
         steps.append(row)
         previous = out
     first, last = steps[0], steps[-1]
-    return {
+    report = {
         "input": {"docs": first["docs_out"], "bytes": first["bytes_out"], "counts": first["counts"],
                   "read_seconds": first["seconds"]},
         "output": {"docs": last["docs_out"], "bytes": last["bytes_out"], "path": str(layout.data)},
         "removed_path": str(layout.removed),
         "steps": steps[1:],
     }
+    if sources:
+        report["sources"] = _source_section(labels, per_source, layout, sources)
+    return report
 
 
 def write_report(report: dict, layout: Layout) -> Path:
@@ -138,5 +161,26 @@ def print_report(report: dict, console: Console | None = None) -> None:
                 counts.add_row(s["step"], key, f"{value:,}")
     if counts.row_count:
         console.print(counts)
+    if "sources" in report:
+        _print_sources(report["sources"], console)
     console.print(f"kept: {report['output']['docs']:,} documents in {report['output']['path']}; "
                   f"removed documents by reason under {report['removed_path']}")
+
+
+def _print_sources(section: dict, console: Console) -> None:
+    names = section["order"]
+    steps = list(section["table"][names[0]]["removed"]) if names else []
+    table = Table(title="Per source: documents in, removed by each step, kept")
+    for col in ("source", "in", *steps, "kept"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for name in names:
+        row = section["table"][name]
+        table.add_row(name, f"{row['docs_in']:,}", *(f"{row['removed'][s]:,}" for s in steps), f"{row['docs_kept']:,}")
+    console.print(table)
+    for label, matrix in section["overlap"].items():
+        overlap = Table(title=f"{label}: removed from (row), kept copy from (column)")
+        for col in ("removed from", *names):
+            overlap.add_column(col, justify="left" if col == "removed from" else "right")
+        for name in names:
+            overlap.add_row(name, *(f"{matrix[name][other]:,}" for other in names))
+        console.print(overlap)

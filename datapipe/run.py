@@ -22,14 +22,18 @@ def run_pipeline(cfg: PipelineConfig, slurm_timeout: float | None = None) -> dic
         if not slurm.wait:
             return None
         wait_slurm(stages, executors, layout, slurm.poll_seconds, slurm_timeout)
-    report = build_report(stages, layout, ordered_labels(cfg))
+    report = build_report(stages, layout, ordered_labels(cfg), source_names(cfg))
     write_report(report, layout)
     return report
+
+
+def source_names(cfg: PipelineConfig) -> list[str] | None:
+    return list(cfg.sources) if cfg.sources is not None else None
 
 
 def report_only(cfg: PipelineConfig) -> dict:
     """Rebuilds report.json from a run folder (e.g. after Slurm jobs submitted with wait: false)."""
     layout = Layout(Path(cfg.output.path))
-    report = build_report(build_stages(cfg, layout), layout, ordered_labels(cfg))
+    report = build_report(build_stages(cfg, layout), layout, ordered_labels(cfg), source_names(cfg))
     write_report(report, layout)
     return report

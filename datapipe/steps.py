@@ -28,6 +28,7 @@ from datatrove.pipeline.filters import (
 
 from datapipe.accounting import UseField
 from datapipe.code_filters import CodeQualityFilter
+from datapipe.cross_dedup import OVERLAP_FILE, ExactOverlap, OrderedMinhashCluster, SourceMap, source_priority
 from datapipe.decont import Decontaminate
 from datapipe.instructions import InstructionRulesFilter
 from datapipe.keywords import KeywordFilter
@@ -163,16 +164,25 @@ class GlobalStepParts:
 
 
 def build_global_step(name: str, label: str, params: dict, work: str, exclusion_writer,
-                      share_tokenizer: bool = True) -> GlobalStepParts:
+                      share_tokenizer: bool = True, sources: list[str] | None = None) -> GlobalStepParts:
     """`exclusion_writer` gets the removed documents; for sentence_dedup, every document that lost
-    duplicated spans (spans marked), whether it was then kept or dropped as too short."""
+    duplicated spans (spans marked), whether it was then kept or dropped as too short.
+
+    `sources` (names in priority order, for runs over several sources): exact and MinHash dedup keep
+    the copy from the first-listed source and write the source x source overlap (datapipe/cross_dedup.py).
+    """
     sig_dir, found_dir = f"{work}/{label}/signatures", f"{work}/{label}/found"
+    overlap_path = f"{work}/{label}/{OVERLAP_FILE}"
     field_step = [UseField(params["field"])] if params.get("field") else []
+    maps_dir = f"{work}/{label}/sources"
+    source_map = [SourceMap(maps_dir)] if sources else []
     if name == "exact_dedup":
-        config = ExactDedupConfig(content_getter=doc_text)
+        config = ExactDedupConfig(content_getter=doc_text, document_priority=source_priority if sources else None)
+        overlap = ExactOverlap(sig_dir, maps_dir, overlap_path, sources, config.hash_config) if sources else None
         return GlobalStepParts(
-            signature=field_step + [ExactDedupSignature(sig_dir, config=config, finder_workers=1)],
-            find_stages=[(f"{label}-find", [ExactFindDedups(sig_dir, found_dir, config=config)], 1)],
+            signature=field_step + source_map + [ExactDedupSignature(sig_dir, config=config, finder_workers=1)],
+            find_stages=[(f"{label}-find", [ExactFindDedups(sig_dir, found_dir, config=config)], 1)]
+            + ([(f"{label}-overlap", [overlap], 1)] if overlap else []),
             filter=ExactDedupFilter(found_dir, config=config, exclusion_writer=exclusion_writer),
         )
     if name == "minhash_dedup":
@@ -180,11 +190,15 @@ def build_global_step(name: str, label: str, params: dict, work: str, exclusion_
                                hashes_per_bucket=params.get("rows", 8), seed=params.get("seed", 1))
         language = tokenizer_for(params.get("language", "en"), share_tokenizer)
         buckets_dir = f"{work}/{label}/buckets"
+        if sources:
+            cluster = OrderedMinhashCluster(buckets_dir, found_dir, config, maps_dir, overlap_path, sources)
+        else:
+            cluster = MinhashDedupCluster(buckets_dir, found_dir, config=config)
         return GlobalStepParts(
-            signature=field_step + [MinhashDedupSignature(sig_dir, config=config, language=language)],
+            signature=field_step + source_map + [MinhashDedupSignature(sig_dir, config=config, language=language)],
             find_stages=[
                 (f"{label}-buckets", [MinhashDedupBuckets(sig_dir, buckets_dir, config=config)], config.num_buckets),
-                (f"{label}-clusters", [MinhashDedupCluster(buckets_dir, found_dir, config=config)], 1),
+                (f"{label}-clusters", [cluster], 1),
             ],
             filter=MinhashDedupFilter(found_dir, exclusion_writer=exclusion_writer),
         )

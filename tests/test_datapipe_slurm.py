@@ -53,3 +53,22 @@ def test_web_recipe_on_slurm_equals_local(slurm_cluster, tmp_path):  # noqa: F81
     # the work really ran as array jobs: one Slurm log per task of the first stage
     logs = list((tmp_path / "slurm" / "work" / "logs" / "stage_00" / "slurm_logs").glob("*.out"))
     assert len(logs) == 2
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_multi_source_dedup_on_slurm_equals_local(slurm_cluster, tmp_path):  # noqa: F811
+    from tests.test_datapipe_sources import EXACT, NEAR, config, kept_rows, plant
+
+    plant(tmp_path)
+    local = run_pipeline(validate_config(config(tmp_path, "local", workers=1)))
+    cfg = config(tmp_path, "slurm")
+    cfg["executor"] = {"kind": "slurm", "slurm": {
+        "partition": slurm_cluster.partition, "time": "00:20:00", "poll_seconds": 1, "srun": False,
+        "mem_per_cpu_gb": None}}
+    slurm = run_pipeline(validate_config(cfg), slurm_timeout=600)
+
+    assert kept_rows(tmp_path / "slurm") == kept_rows(tmp_path / "local")
+    assert slurm["sources"] == local["sources"]
+    assert slurm["sources"]["overlap"] == {"exact_dedup": EXACT, "minhash_dedup": NEAR}
+    assert without_timing(slurm) == without_timing(local)

@@ -289,5 +289,9 @@ def test_code_quality_filter():
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "data").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_configs_validate(path, tmp_path):
-    cfg = load_config(path, [f"input.path={tmp_path}"])
+    import yaml
+
+    sources = yaml.safe_load(path.read_text()).get("sources")
+    paths = [f"sources.{name}.path={tmp_path}" for name in sources] if sources else [f"input.path={tmp_path}"]
+    cfg = load_config(path, paths)
     assert cfg.recipe in ("web", "code", "instructions", "custom")
