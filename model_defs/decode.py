@@ -45,8 +45,9 @@ def fusable(model: nn.Module) -> bool:
 
 
 def mkl_packing_available(weight: torch.Tensor) -> bool:
+    # Under CPU autocast the module path computes in bf16; the packed fp32 product would not follow it.
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
-            and hasattr(torch.ops.mkl, "_mkl_linear"))
+            and hasattr(torch.ops.mkl, "_mkl_linear") and not torch.is_autocast_enabled("cpu"))
 
 
 class _Projection:
@@ -71,8 +72,8 @@ class FusedDecoder:
         B, T = attention_mask.shape
         weight = model.output.weight
         if pack and not mkl_packing_available(weight):
-            raise ValueError(f"packed projections need fp32 weights on CPU and a PyTorch built with MKL "
-                             f"(weights: {weight.dtype} on {weight.device})")
+            raise ValueError(f"packed projections need fp32 weights on CPU, no autocast and a PyTorch built with "
+                             f"MKL (weights: {weight.dtype} on {weight.device})")
         self.model, self.cfg = model, cfg
         self.backend = resolve_backend(cfg.attention, weight.device)
         self.split = (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)

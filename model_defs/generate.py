@@ -11,6 +11,13 @@ from .model import Transformer
 
 # Packing reads every weight once more than the decode steps do; below this many steps it does not pay.
 PACK_MIN_NEW_TOKENS = 4
+# Where the fused decoder is the default: measured faster on CPU (bench/README.md "Generation"). Elsewhere
+# it is unmeasured and its concatenated weights cost a transient copy of the projections, so fused=True opts in.
+FUSED_BY_DEFAULT = ("cpu",)
+# Steps between the host syncs that ask whether every row has stopped: on an accelerator a sync stalls the
+# queue, so up to k-1 steps past the last stop are computed and cut off; on CPU a sync costs nothing.
+STOP_CHECK_EVERY = {"cpu": 1}
+STOP_CHECK_EVERY_ACCELERATOR = 8
 
 
 def sample_next(
@@ -76,10 +83,11 @@ def generate(
     padded row yields the same tokens as that row alone. A row that emits a stop token is
     finished and gets `pad_token_id` afterwards; generation ends early once every row is finished.
 
-    With `use_cache`, a plain `Transformer` decodes through `FusedDecoder` (fused projections,
-    static key mask; same tokens); `fused=False` forces the module path with `KVCache`, which
-    wrapped models (PEFT, ZeRO-3 shards) always take. `use_cache=False` recomputes the whole
-    sequence every step: the reference.
+    With `use_cache`, a plain `Transformer` on CPU decodes through `FusedDecoder` (fused and, for fp32,
+    MKL-packed projections; the same tokens); `fused=True/False` chooses on any device, `pack` the
+    packing (default: on CPU fp32 from PACK_MIN_NEW_TOKENS new tokens). Wrapped models (PEFT, ZeRO-3
+    shards, prompt tuning) always take the module path with `KVCache`. `use_cache=False` recomputes
+    the whole sequence every step: the reference.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -99,7 +107,9 @@ def generate(
     _check_left_padded(mask)
 
     positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T); padding sits at 0 and is masked anyway
-    if use_cache and (fused if fused is not None else fusable(model)):
+    if fused is None:
+        fused = device.type in FUSED_BY_DEFAULT and fusable(model)
+    if use_cache and fused:
         if pack is None:
             pack = max_new_tokens >= PACK_MIN_NEW_TOKENS and mkl_packing_available(model.output.weight)
         forward = _fused_forward(model, input_ids, mask, positions, T + max_new_tokens, pack)
@@ -110,6 +120,8 @@ def generate(
     tokens[:, :T] = input_ids
     stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    finished_at = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # step of a row's stop token
+    check_every = STOP_CHECK_EVERY.get(device.type, STOP_CHECK_EVERY_ACCELERATOR)
     logits = forward(None)
     for step in range(max_new_tokens):
         next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -117,9 +129,13 @@ def generate(
         fed = next_token.masked_fill(finished, 0)
         tokens[:, T + step] = next_token.masked_fill(finished, pad_token_id)
         if len(stop):
-            finished |= torch.isin(next_token, stop)
-            if bool(finished.all()):  # the only host sync of a step, and only when stop tokens can end rows
-                return tokens[:, :T + step + 1]
+            stops_now = torch.isin(next_token, stop) & ~finished
+            finished_at.masked_fill_(stops_now, step)
+            finished |= stops_now
+            # The only host sync of the loop, and only when stop tokens can end rows.
+            due = (step + 1) % check_every == 0 or step + 1 == max_new_tokens
+            if due and bool(finished.all()):
+                return tokens[:, :T + int(finished_at.max()) + 1]
         if step + 1 < max_new_tokens:
             logits = forward(fed[:, None])
     return tokens

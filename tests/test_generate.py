@@ -191,3 +191,15 @@ def test_packing_refuses_non_fp32():
     m = Transformer(ModelConfig.from_preset("tiny", vocab_size=V)).eval().double()
     with pytest.raises(ValueError, match="packed projections need fp32"):
         generate(m, _prompts(13, B=1), max_new_tokens=2, pack=True)
+
+
+def test_stop_checks_every_k_steps_cut_at_the_last_stop(model, monkeypatch):
+    import model_defs.generate as gen
+
+    x = _prompts(6, B=2)
+    free = generate(model, x, max_new_tokens=12)
+    stops = [int(free[0, 7 + 2]), int(free[1, 7 + 4])]  # rows stop at different steps, neither at a multiple of 4
+    expected = generate(model, x, max_new_tokens=12, stop_token_ids=stops, pad_token_id=-1)
+    assert expected.shape[1] < 7 + 12  # every row stopped early
+    monkeypatch.setitem(gen.STOP_CHECK_EVERY, "cpu", 4)  # as on an accelerator: syncs every 4th step only
+    assert torch.equal(generate(model, x, max_new_tokens=12, stop_token_ids=stops, pad_token_id=-1), expected)
