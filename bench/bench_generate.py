@@ -8,13 +8,17 @@ tokens (no stop token: transformers gets `min_new_tokens` and no EOS, ours no st
 default or sampled with `--temperature/--top-p`. Greedy outputs are compared token for token (the share
 of equal rows is reported; fp32 near-ties may split a row).
 
-Rounds alternate which contender goes first, in one process (same threads, same allocator); each
-round times one `generate` call per contender after a warm-up call. Figures: generated tokens/s on
-wall time and on process CPU time (which other processes' load does not inflate), median [min-max]
-over rounds, and the per-round ratio ours / transformers. The 1-minute load average is sampled every
-2 s. A contender that fails fails the bench (non-zero exit). `--json PATH` writes every figure.
+Three contenders: `ours` (the default path, `FusedDecoder`), `ours-module` (the same loop through the
+model's modules and `KVCache`, `fused=False`) and `transformers`, in one process (same threads, same
+allocator) on `bench/common.py`'s rounds driver, which alternates their order between rounds; each
+round times one `generate` call per contender, after one warm-up call in its first round. Figures:
+generated tokens/s on wall time and on process CPU time (which other processes' load does not inflate),
+median [min-max] over rounds, the per-round ratios over transformers, greedy rows equal to transformers'
+and whether `ours` equals `ours-module`, the CPU time to build the decoding state of one call (part of
+`ours`' every call, shown apart) and the 1-minute load. A contender that fails fails the bench (non-zero
+exit). `--json PATH` writes every figure.
 
-    python bench/bench_generate.py --threads 1 --rounds 5
+    python bench/bench_generate.py --threads 1 --rounds 3 --batch 8 --prompt-len 64 --new-tokens 64
     python bench/bench_generate.py --device cuda --preset 125m --batch 32 --prompt-len 256 --new-tokens 128
 """
 from __future__ import annotations
