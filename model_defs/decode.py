@@ -76,7 +76,7 @@ class FusedDecoder:
                              f"MKL (weights: {weight.dtype} on {weight.device})")
         self.model, self.cfg = model, cfg
         self.backend = resolve_backend(cfg.attention, weight.device)
-        self.split = (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)
+        self.split = (cfg.n_heads + cfg.n_kv_heads, cfg.n_kv_heads)
         self.qkv, self.wo, self.gate_up, self.w2 = [], [], [], []
         for layer in model.layers:
             a, f = layer.attention, layer.feed_forward
@@ -122,11 +122,12 @@ class FusedDecoder:
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         for i, layer in enumerate(m.layers):
             x = self.qkv[i](layer.attention_norm(h)).view(B, T, -1, cfg.head_dim).transpose(1, 2)
-            q, k, v = x.split(self.split, dim=1)
-            self.k[i][:, :, start:end] = apply_rotary(k, cos, sin)
+            qk, v = x.split(self.split, dim=1)
+            # Queries and keys rotate together: element-wise, so the same bits as one by one, half the operators.
+            q, k = apply_rotary(qk, cos, sin).split((cfg.n_heads, cfg.n_kv_heads), dim=1)
+            self.k[i][:, :, start:end] = k
             self.v[i][:, :, start:end] = v
-            out = attend(apply_rotary(q, cos, sin), self.k[i][:, :, :end], self.v[i][:, :, :end], layout,
-                         self.backend)
+            out = attend(q, self.k[i][:, :, :end], self.v[i][:, :, :end], layout, self.backend)
             h = h + self.wo[i](out)
             gate, up = self.gate_up[i](layer.ffn_norm(h)).chunk(2, dim=-1)
             h = h + self.w2[i](F.silu(gate) * up)
