@@ -12,8 +12,9 @@ What it changes against `Transformer.forward` with a `KVCache`, and why:
   - the prompt's final norm and LM head run on its last position only;
   - on CPU (fp32, MKL builds) every projection's weight is packed once for the batch size with
     MKL's packed GEMM (`cblas_sgemm_pack`, exposed as `torch.ops.mkl`; inductor's freezing pass uses
-    the same ops): a decode step is a handful of (B, dim) x weight products, where re-packing the
-    weight on every call cost more than the product (the LM head alone took half of a step).
+    the same ops): a decode step is a handful of (B, dim) x weight products, and for 8 rows the
+    packed LM head (vocab 8192 x 256) took 4.4 ms against `F.linear`'s 7.2 (median of alternating
+    rounds on a loaded 2-core machine), with the same bits; the packing is paid once per call.
 The math per token is the model's own (its norms, `apply_rotary`, `attend`, the layout rule of
 `_padded_layout` for the prompt), so numerics follow the model wherever it changes.
 """
