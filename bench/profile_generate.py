@@ -10,6 +10,7 @@ element-wise / reductions and the rest, then the top operators of `--side`.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -25,13 +26,13 @@ from bench.profile_pretrain import categorize
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    side, top = "ours", 15
-    if "--side" in argv:
-        i = argv.index("--side")
-        side = argv[i + 1]
-        del argv[i:i + 2]
-    args = parse_args(argv)
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--side", choices=("ours", "ours-module", "transformers"), default="ours",
+                     help="whose top operators to list")
+    own.add_argument("--top", type=int, default=15)
+    mine, rest = own.parse_known_args(argv)
+    side, top = mine.side, mine.top
+    args = parse_args(rest)  # bench_generate.py's flags: the same model, prompts and settings
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -42,9 +43,6 @@ def main(argv=None) -> int:
     sides = {"ours": lambda: run_ours(ours, ids, mask, args, 0),
              "ours-module": lambda: run_ours(ours, ids, mask, args, 0, fused=False),
              "transformers": lambda: run_theirs(theirs, ids, mask, args, 0)}
-    if side not in sides:
-        print(f"error: --side {side}: choose one of {', '.join(sides)}", file=sys.stderr)
-        return 2
     print(f"{args.preset}, batch {args.batch}, prompts <= {args.prompt_len}, {args.new_tokens} new tokens, "
           f"{device} {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} thread(s); "
           "operator self time per generated step (prefill included):")
