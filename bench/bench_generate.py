@@ -8,19 +8,22 @@ tokens (no stop token: transformers gets `min_new_tokens` and no EOS, ours no st
 default or sampled with `--temperature/--top-p`. Greedy outputs are compared token for token (the share
 of equal rows is reported; fp32 near-ties may split a row).
 
-Rounds alternate which contender goes first, in one process (same threads, same allocator); each
-round times one `generate` call per contender after a warm-up call. Figures: generated tokens/s on
-wall time and on process CPU time (which other processes' load does not inflate), median [min-max]
-over rounds, and the per-round ratio ours / transformers. The 1-minute load average is sampled every
-2 s. A contender that fails fails the bench (non-zero exit). `--json PATH` writes every figure.
+Three contenders: `ours` (the default path, `FusedDecoder`), `ours-module` (the same loop through the
+model's modules and `KVCache`, `fused=False`) and `transformers`, in one process (same threads, same
+allocator) on `bench/common.py`'s rounds driver, which alternates their order between rounds; each
+round times one `generate` call per contender, after one warm-up call in its first round. Figures:
+generated tokens/s on wall time and on process CPU time (which other processes' load does not inflate),
+median [min-max] over rounds, the per-round ratios over transformers, greedy rows equal to transformers'
+and whether `ours` equals `ours-module`, the CPU time to build the decoding state of one call (part of
+`ours`' every call, shown apart) and the 1-minute load. A contender that fails fails the bench (non-zero
+exit). `--json PATH` writes every figure.
 
-    python bench/bench_generate.py --threads 1 --rounds 5
+    python bench/bench_generate.py --threads 1 --rounds 3 --batch 8 --prompt-len 64 --new-tokens 64
     python bench/bench_generate.py --device cuda --preset 125m --batch 32 --prompt-len 256 --new-tokens 128
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -32,9 +35,20 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch
 
-from bench.common import LoadSampler, fmt_spread, spread
+from bench.common import (
+    add_round_args,
+    contender_spreads,
+    finish,
+    fmt_spread,
+    load_summary,
+    round_ratio,
+    run_rounds,
+    write_json,
+)
 
-CONTENDERS = ("ours", "transformers")
+# ours-module: the same generate loop through the training model's modules and KVCache (fused=False), so
+# the figures separate what FusedDecoder gains from what the loop itself does.
+CONTENDERS = ("ours", "ours-module", "transformers")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,11 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", default=None, help="also write the results here")
+    add_round_args(p)
     args = p.parse_args(argv)
     if args.rounds < 3:
         p.error("--rounds must be at least 3")
@@ -81,12 +94,12 @@ def prompts(args, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch
     return ids.to(device), mask.to(device)
 
 
-def run_ours(model, ids, mask, args, seed: int) -> torch.Tensor:
+def run_ours(model, ids, mask, args, seed: int, fused: bool | None = None) -> torch.Tensor:
     from model_defs.generate import generate
 
     gen = torch.Generator(device=ids.device).manual_seed(seed)
     return generate(model, ids, attention_mask=mask, max_new_tokens=args.new_tokens, temperature=args.temperature,
-                    top_p=args.top_p, generator=gen)[:, ids.shape[1]:]
+                    top_p=args.top_p, generator=gen, fused=fused)[:, ids.shape[1]:]
 
 
 def run_theirs(model, ids, mask, args, seed: int) -> torch.Tensor:
@@ -113,6 +126,19 @@ def timed(fn, device: torch.device) -> tuple[torch.Tensor, float, float]:
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
+def setup_seconds(model, ids, mask, args, pack: bool) -> float:
+    """CPU seconds to build the decoding state of one call (fused weights, cache; packed weights with `pack`):
+    part of every call of ours, so already inside its tokens/s, shown apart to size what packing costs."""
+    from model_defs.decode import FusedDecoder
+
+    times = []
+    for _ in range(3):
+        start = time.process_time()
+        FusedDecoder(model, mask.bool(), ids.shape[1] + args.new_tokens, pack=pack)
+        times.append(time.process_time() - start)
+    return min(times)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -123,50 +149,69 @@ def main(argv=None) -> int:
         cfg, ours, theirs = build(args, Path(tmp) / "model", device, dtype)
     ids, mask = prompts(args, cfg.vocab_size, device)
     runners = {"ours": lambda: run_ours(ours, ids, mask, args, 0),
+               "ours-module": lambda: run_ours(ours, ids, mask, args, 0, fused=False),
                "transformers": lambda: run_theirs(theirs, ids, mask, args, 0)}
-    for name, fn in runners.items():  # warm-up: allocator, kernels, lazy imports
-        try:
-            fn()
-        except Exception as err:  # noqa: BLE001 - any failure of a contender fails the bench, with its reason
-            print(f"contender '{name}' failed: {type(err).__name__}: {err}", file=sys.stderr)
-            return 1
     tokens = args.batch * args.new_tokens
-    rates = {n: {"wall": [], "cpu": []} for n in CONTENDERS}
-    outputs = {}
-    with LoadSampler() as load:
-        for r in range(args.rounds):
-            order = CONTENDERS if r % 2 == 0 else CONTENDERS[::-1]
-            for name in order:
-                out, wall, cpu = timed(runners[name], device)
-                if out.shape != (args.batch, args.new_tokens):
-                    print(f"contender '{name}' generated {tuple(out.shape)}, expected "
-                          f"{(args.batch, args.new_tokens)}", file=sys.stderr)
-                    return 1
-                outputs[name] = out
-                rates[name]["wall"].append(tokens / wall)
-                rates[name]["cpu"].append(tokens / max(cpu, 1e-9))
-    ratio = {clock: [o / t for o, t in zip(rates["ours"][clock], rates["transformers"][clock])]
-             for clock in ("wall", "cpu")}
-    same_rows = (outputs["ours"].cpu() == outputs["transformers"].cpu()).all(dim=1).float().mean().item()
+    warmed: set[str] = set()
+
+    def spawn(name: str) -> dict:
+        try:
+            if name not in warmed:  # warm-up: allocator, kernels, lazy imports
+                runners[name]()
+                warmed.add(name)
+            out, wall, cpu = timed(runners[name], device)
+        except Exception as err:  # noqa: BLE001 - any failure of a contender fails the bench, with its reason
+            raise RuntimeError(f"{type(err).__name__}: {err}") from None
+        if out.shape != (args.batch, args.new_tokens):
+            raise RuntimeError(f"generated {tuple(out.shape)}, expected {(args.batch, args.new_tokens)}")
+        return {"wall": tokens / wall, "cpu": tokens / max(cpu, 1e-9), "out": out.cpu()}
+
+    per_round, failed = run_rounds(CONTENDERS, spawn, args.rounds,
+                                   describe=lambda r: f"{r['wall']:.0f} tok/s wall, {r['cpu']:.0f} cpu")
+    if failed:
+        finish(failed)
+    spreads = contender_spreads(per_round, {"wall": lambda r: r["wall"], "cpu": lambda r: r["cpu"]})
+    ratio = {name: {clock: round_ratio(per_round, name, "transformers", lambda r, c=clock: r[c])
+                    for clock in ("wall", "cpu")} for name in ("ours", "ours-module")}
+    last = per_round[-1]
+    same_rows = {name: (last[name]["out"] == last["transformers"]["out"]).all(dim=1).float().mean().item()
+                 for name in ("ours", "ours-module")}
+    fused_same = torch.equal(last["ours"]["out"], last["ours-module"]["out"])
+    setup = None
+    if ours.output.weight.device.type == "cpu":
+        from model_defs.decode import mkl_packing_available
+
+        setup = {"fused": setup_seconds(ours, ids, mask, args, pack=False)}
+        if mkl_packing_available(ours.output.weight):
+            setup["fused_packed"] = setup_seconds(ours, ids, mask, args, pack=True)
+    load = load_summary(per_round)
+    greedy = args.temperature == 0
     result = {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "device": str(device),
               "dtype": str(dtype), "threads": torch.get_num_threads(), "tokens_per_call": tokens,
-              "tokens_per_s": {n: {c: spread(v) for c, v in rates[n].items()} for n in CONTENDERS},
-              "ratio_ours_over_transformers": {c: spread(v) for c, v in ratio.items()},
-              "greedy_rows_equal": same_rows if args.temperature == 0 else None, "load": load.summary()}
+              "tokens_per_s": spreads, "ratio_over_transformers": ratio,
+              "greedy_rows_equal": same_rows if greedy else None,
+              "ours_equals_module_path": fused_same if greedy else None, "setup_cpu_s": setup,
+              "per_round": [{n: {"wall": r[n]["wall"], "cpu": r[n]["cpu"], "load": r[n]["load"]} for n in r}
+                            for r in per_round],
+              "load": load}
     print(f"generation, preset {args.preset}, batch {args.batch}, prompts <= {args.prompt_len}, "
           f"{args.new_tokens} new tokens, {device} {str(dtype).removeprefix('torch.')}, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds")
     for n in CONTENDERS:
-        print(f"  {n:13s} tokens/s wall {fmt_spread(spread(rates[n]['wall']))}   "
-              f"cpu {fmt_spread(spread(rates[n]['cpu']))}")
-    print(f"  ours / transformers: wall {fmt_spread(spread(ratio['wall']), digits=2, suffix='x')}   "
-          f"cpu {fmt_spread(spread(ratio['cpu']), digits=2, suffix='x')}")
-    if args.temperature == 0:
-        print(f"  greedy rows equal: {same_rows:.0%}")
-    s = load.summary()
-    print(f"  load: 1-min average median {s['load1_median']:.1f}, max {s['load1_max']:.1f} on {s['cpus']} CPUs")
+        print(f"  {n:13s} tokens/s wall {fmt_spread(spreads[n]['wall'])}   cpu {fmt_spread(spreads[n]['cpu'])}")
+    for n in ("ours", "ours-module"):
+        print(f"  {n} / transformers: wall {fmt_spread(ratio[n]['wall'], digits=2, suffix='x')}   "
+              f"cpu {fmt_spread(ratio[n]['cpu'], digits=2, suffix='x')}")
+    if greedy:
+        print(f"  greedy rows equal to transformers: ours {same_rows['ours']:.0%}, "
+              f"ours-module {same_rows['ours-module']:.0%}; ours == ours-module: {fused_same}")
+    if setup:
+        print("  decoding state per call (inside the figures above): "
+              + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in setup.items()))
+    print(f"  load: 1-min average median {load['load1']['median']:.1f}, max {load['load1_max']:.1f} "
+          f"on {load['cpus']} CPUs")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
     return 0
 
 

@@ -31,7 +31,7 @@ CATEGORIES = (
     ("framework (outside operators)", ("ProfilerStep",)),
     ("optimizer", ("Optimizer.", "adam", "_foreach", "clip_grad", "fused_adam")),
     ("attention", ("attention", "flash", "sdpa")),
-    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkl_linear")),
     ("loss", ("cross_entropy", "nll_loss", "log_softmax")),
     ("element-wise / reductions", ("aten::",)),
 )

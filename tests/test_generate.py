@@ -122,3 +122,84 @@ def test_bad_masks_rejected(model):
         generate(model, x, attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]), max_new_tokens=2)
     with pytest.raises(ValueError, match="no real tokens"):
         generate(model, x, attention_mask=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]), max_new_tokens=2)
+
+
+def _left_padded(lengths=(9, 4, 6), seed: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(lengths)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for i, n in enumerate(lengths):
+        x[i, T - n:] = torch.randint(1, V, (n,), generator=g)
+        mask[i, T - n:] = 1
+    return x, mask
+
+
+FAMILIES = {
+    "llama-gqa": {},
+    "mistral-window": {"family": "mistral", "sliding_window": 5},  # binds in the prompt and while decoding
+    "qwen2-bias": {"family": "qwen2", "qkv_bias": True, "n_kv_heads": 1},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_decoder_equals_module_path_and_full_recompute(family):
+    from model_defs.decode import mkl_packing_available
+
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.from_preset("tiny", vocab_size=V, init_std=0.1, **FAMILIES[family])).eval()
+    if m.cfg.qkv_bias:
+        for layer in m.layers:  # non-zero biases, so a dropped or misplaced bias shows
+            for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
+                torch.nn.init.normal_(lin.bias, std=0.1)
+    x, mask = _left_padded()
+    reference = generate(m, x, attention_mask=mask, max_new_tokens=12, use_cache=False)
+    assert torch.equal(generate(m, x, attention_mask=mask, max_new_tokens=12, fused=False), reference)
+    packs = [False, True] if mkl_packing_available(m.output.weight) else [False]
+    for pack in packs:
+        got = generate(m, x, attention_mask=mask, max_new_tokens=12, fused=True, pack=pack)
+        assert torch.equal(got, reference), f"pack={pack}"
+
+
+def test_fused_sampling_reproducible_and_equal_to_module_path(model):
+    x, mask = _left_padded(seed=11)
+
+    def run(seed, **kw):
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(len(x))]  # one stream per row
+        return generate(model, x, attention_mask=mask, max_new_tokens=10, temperature=0.9, top_p=0.9,
+                        generator=gens, **kw)
+    a, b = run(3, fused=True), run(3, fused=True)
+    assert torch.equal(a, b) and not torch.equal(a, run(30, fused=True))
+    assert torch.equal(a, run(3, fused=False))  # same logits bits, so the same draws
+
+
+def test_fused_refuses_wrapped_projections():
+    from model_defs.decode import fusable
+
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.from_preset("tiny", vocab_size=V)).eval()
+    assert fusable(m)
+    m.layers[1].attention.wv = torch.nn.Sequential(m.layers[1].attention.wv)  # as an adapter would wrap it
+    assert not fusable(m)
+    x = _prompts(12, B=1)
+    with pytest.raises(ValueError, match="fused=True"):
+        generate(m, x, max_new_tokens=2, fused=True)
+    assert generate(m, x, max_new_tokens=3).shape == (1, 10)  # the default takes the module path
+
+
+def test_packing_refuses_non_fp32():
+    m = Transformer(ModelConfig.from_preset("tiny", vocab_size=V)).eval().double()
+    with pytest.raises(ValueError, match="packed projections need fp32"):
+        generate(m, _prompts(13, B=1), max_new_tokens=2, pack=True)
+
+
+def test_stop_checks_every_k_steps_cut_at_the_last_stop(model, monkeypatch):
+    import model_defs.generate as gen
+
+    x = _prompts(6, B=2)
+    free = generate(model, x, max_new_tokens=12)
+    stops = [int(free[0, 7 + 2]), int(free[1, 7 + 4])]  # rows stop at different steps, neither at a multiple of 4
+    expected = generate(model, x, max_new_tokens=12, stop_token_ids=stops, pad_token_id=-1)
+    assert expected.shape[1] < 7 + 12  # every row stopped early
+    monkeypatch.setitem(gen.STOP_CHECK_EVERY, "cpu", 4)  # as on an accelerator: syncs every 4th step only
+    assert torch.equal(generate(model, x, max_new_tokens=12, stop_token_ids=stops, pad_token_id=-1), expected)
