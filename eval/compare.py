@@ -351,10 +351,11 @@ def draw_judges(plt, entries: list[Entry], out: Path) -> None:
     if scored:
         ax = axes.pop(0)
         means = [e.judged["reward/mean"] for e in scored]
-        ax.bar([e.label for e in scored], means, color="tab:blue",
-               yerr=[[m - e.judged["reward/mean_low"] for m, e in zip(means, scored)],
-                     [e.judged["reward/mean_high"] - m for m, e in zip(means, scored)]], capsize=4)
-        ax.axhline(0, color="black", linewidth=0.5)
+        # Points, not bars: a reward's zero is arbitrary, so bar heights from it would mean nothing.
+        ax.errorbar([e.label for e in scored], means, fmt="o", color="tab:blue", capsize=4,
+                    yerr=[[m - e.judged["reward/mean_low"] for m, e in zip(means, scored)],
+                          [e.judged["reward/mean_high"] - m for m, e in zip(means, scored)]])
+        ax.margins(x=0.3)
         ax.set_title("reward model: mean score (95% CI)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "judges.png", dpi=110)

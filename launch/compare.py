@@ -27,6 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--labels", help="comma-separated names, one per model (default: folder names)")
     p.add_argument("--tasks", nargs="*", default=[], help="lm-eval task YAMLs / folders, or task names in the HF cache")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="lm-eval: render the tasks' prompts through each model's chat template (IFEval)")
     p.add_argument("--pairs", help="preference pairs JSONL: the policy's own preference accuracy on them")
     p.add_argument("--ifeval", help="IFEval-style prompt JSONL (see eval/ifeval.py), scored strict and loose")
     p.add_argument("--judge-prompts", help="JSONL rows with a 'prompt': every model answers them (chat) for the judges")
@@ -110,7 +112,8 @@ def main(argv=None) -> int:
             from eval.benchmarks import headline_scores, run_benchmarks
 
             results = attempt(f"{entry.label}: lm-eval {' '.join(map(str, args.tasks))}", run_benchmarks,
-                              entry.path, args.tasks, batch_size=args.batch_size, limit=args.limit)
+                              entry.path, args.tasks, batch_size=args.batch_size, limit=args.limit,
+                              apply_chat_template=args.apply_chat_template)
             add(entry, headline_scores(results) if results else None)
         if args.pairs:
             add(entry, attempt(f"{entry.label}: preference pairs", C.preference_accuracy, model, tokenizer,
