@@ -175,6 +175,58 @@ def _record_interval(entry: Entry, name: str, interval: dict[str, float]) -> Non
     entry.judged.update({name: interval["value"], f"{name}_low": interval["low"], f"{name}_high": interval["high"]})
 
 
+def run_judges(entries: list[Entry], prompts: list[str], answers: dict[str, list[str]], *, prompts_file: str,
+               judge: str | None, reward_judge, against: str, attempt, skipped: list[str]) -> list[str]:
+    """Both judges over every model's answers, recorded on the entries. `attempt(what, fn, *args)` runs
+    one judgement (stopping the command, or with --keep-going listing it in `skipped`); a comparison whose
+    answers are missing is listed in `skipped`. Returns the lines that say what the tables measure."""
+    from eval import judge as J
+
+    if not prompts:
+        return []
+    by_label = {e.label: e for e in entries}
+    pairs = J.opponents([e.label for e in entries], against)
+    rival = "the first model" if against == "first" else "the model before it"
+    notes = []
+    if judge:
+        chat_judge = attempt(f"judge {judge}: load", J.ChatJudge, judge)
+        for label, opponent in pairs if chat_judge is not None else []:
+            if label not in answers or opponent not in answers:
+                skipped.append(f"judge: `{label}` vs `{opponent}`: no answers from "
+                               f"`{label if label not in answers else opponent}` (see above)")
+                continue
+            result = attempt(f"judge: `{label}` vs `{opponent}`", J.pairwise, chat_judge, prompts, answers[label],
+                             answers[opponent])
+            if result is not None:
+                record_pairwise(by_label[label], opponent, result)
+        notes.append(f"- Pairwise judge `{judge}` over the {len(prompts)} prompts of `{prompts_file}`, "
+                     f"each model against {rival}: each pair judged in both orders, a win needs both; "
+                     "95% bootstrap intervals over prompts. A judge that prefers a position shows as ties "
+                     "(last column: how often it chose the same position in both orders).")
+    if reward_judge is not None:
+        scores = {}
+        for label, texts in answers.items():
+            found = attempt(f"reward judge: `{label}`", reward_judge.scores, prompts, texts)
+            if found is not None:
+                scores[label] = found
+        for entry in entries:
+            if entry.label in scores:
+                record_reward(entry, J.bootstrap(scores[entry.label]).as_dict(), len(prompts))
+        for label, opponent in pairs:
+            if label in scores and opponent in scores:
+                result = J.reward_judge(scores[label], scores[opponent])
+                record_reward(by_label[label], result["mean_a"], result["n"], opponent, result["win_rate_a"])
+            elif label in answers and opponent in answers:
+                continue  # a scoring failure, already listed as skipped
+            else:
+                skipped.append(f"reward judge: `{label}` vs `{opponent}`: no answers from "
+                               f"`{label if label not in answers else opponent}` (see above)")
+        notes.append(f"- Reward model `{reward_judge.path}` scores every model's answers to the same prompts: "
+                     f"mean score, and the share of prompts where a model scores above {rival} "
+                     "(equal scores count half); 95% bootstrap intervals over prompts.")
+    return notes
+
+
 # ------------------------------------------------------------------------------- outputs
 
 

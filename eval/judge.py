@@ -108,7 +108,10 @@ class ChatJudge:
         from trainer.export import load_model
 
         self.tokenizer, self.choices = judge_tokenizer(model_path, tokenizer_dir)
-        self.model = load_model(model_path).to(device).eval()
+        try:
+            self.model = load_model(model_path).to(device).eval()
+        except (OSError, KeyError, RuntimeError) as err:
+            raise ValueError(f"{model_path}: the judge cannot be loaded ({str(err).splitlines()[0]})") from None
         self.device = device
 
     @torch.no_grad()

@@ -141,7 +141,9 @@ def main(argv=None) -> int:
                                                                      max_new_tokens=args.max_new_tokens)[0]))
         model = tokenizer = None  # freed before the next entry loads
 
-    judge_notes = run_judges(args, entries, prompts, answers, reward_judge, attempt, skipped)
+    judge_notes = C.run_judges(entries, prompts, answers, prompts_file=args.judge_prompts, judge=args.judge,
+                               reward_judge=reward_judge, against=args.judge_against, attempt=attempt,
+                               skipped=skipped)
     if args.pairs:
         notes.append("pref_accuracy: share of held-out pairs where the model itself gives the chosen answer a "
                      "higher log-probability than the rejected one (chat-rendered, no reference model); "
@@ -153,57 +155,6 @@ def main(argv=None) -> int:
                                                              judge_notes, figures))
     print((out / "report.md").read_text())
     return 0
-
-
-def run_judges(args, entries, prompts, answers, reward_judge, attempt, skipped) -> list[str]:
-    """Both judges over every model's answers; a comparison whose answers are missing is listed as skipped.
-    Returns the lines that say what the judges' tables measure."""
-    from eval import compare as C
-    from eval import judge as J
-
-    if not prompts:
-        return []
-    by_label = {e.label: e for e in entries}
-    pairs = J.opponents([e.label for e in entries], args.judge_against)
-    against = "the first model" if args.judge_against == "first" else "the model before it"
-    notes = []
-    if args.judge:
-        chat_judge = attempt(f"judge {args.judge}: load", J.ChatJudge, args.judge)
-        for label, opponent in pairs if chat_judge is not None else []:
-            if label not in answers or opponent not in answers:
-                skipped.append(f"judge: `{label}` vs `{opponent}`: no answers from "
-                               f"`{label if label not in answers else opponent}` (see above)")
-                continue
-            result = attempt(f"judge: `{label}` vs `{opponent}`", J.pairwise, chat_judge, prompts, answers[label],
-                             answers[opponent])
-            if result is not None:
-                C.record_pairwise(by_label[label], opponent, result)
-        notes.append(f"- Pairwise judge `{args.judge}` over the {len(prompts)} prompts of `{args.judge_prompts}`, "
-                     f"each model against {against}: each pair judged in both orders, a win needs both; "
-                     "95% bootstrap intervals over prompts. A judge that prefers a position shows as ties "
-                     "(last column: how often it chose the same position in both orders).")
-    if reward_judge is not None:
-        scores = {}
-        for label in answers:
-            found = attempt(f"reward judge: `{label}`", reward_judge.scores, prompts, answers[label])
-            if found is not None:
-                scores[label] = found
-        for entry in entries:
-            if entry.label in scores:
-                C.record_reward(entry, J.bootstrap(scores[entry.label]).as_dict(), len(prompts))
-        for label, opponent in pairs:
-            if label in scores and opponent in scores:
-                result = J.reward_judge(scores[label], scores[opponent])
-                C.record_reward(by_label[label], result["mean_a"], result["n"], opponent, result["win_rate_a"])
-            elif label in answers and opponent in answers:
-                continue  # a scoring failure, already listed as skipped
-            else:
-                skipped.append(f"reward judge: `{label}` vs `{opponent}`: no answers from "
-                               f"`{label if label not in answers else opponent}` (see above)")
-        notes.append(f"- Reward model `{args.reward_judge}` scores every model's answers to the same prompts: "
-                     f"mean score, and the share of prompts where a model scores above {against} "
-                     "(equal scores count half); 95% bootstrap intervals over prompts.")
-    return notes
 
 
 if __name__ == "__main__":
