@@ -66,8 +66,11 @@ def _resolve_files(task_file: Path, files: Any) -> Any:
 
 
 def run_benchmarks(model: str | Path, tasks: list[str | Path], adapter: str | None = None, batch_size: int = 8,
-                   limit: int | None = None, device: str = "cpu", log_samples: bool = False) -> dict[str, Any]:
-    """lm-eval's results for our model: task YAML files/folders, or names of tasks lm-eval ships."""
+                   limit: int | None = None, device: str = "cpu", log_samples: bool = False,
+                   apply_chat_template: bool = False) -> dict[str, Any]:
+    """lm-eval's results for our model: task YAML files/folders, or names of tasks lm-eval ships.
+    `apply_chat_template` renders each request through the model's chat template (instruction-tuned
+    models on IFEval); off, prompts are raw text as lm-eval's tasks write them."""
     import lm_eval
 
     import eval.lm_eval_model  # noqa: F401  registers the model type
@@ -82,7 +85,8 @@ def run_benchmarks(model: str | Path, tasks: list[str | Path], adapter: str | No
     if adapter:
         model_args["adapter"] = str(adapter)
     return lm_eval.simple_evaluate(model="llamatrain", model_args=model_args, tasks=configs, limit=limit,
-                                   batch_size=batch_size, device=device, log_samples=log_samples)
+                                   batch_size=batch_size, device=device, log_samples=log_samples,
+                                   apply_chat_template=apply_chat_template)
 
 
 def headline_scores(results: dict[str, Any]) -> dict[str, float]:

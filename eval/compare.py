@@ -17,6 +17,12 @@ from trainer.run_folder import resolve
 
 EFFICIENCY = ("method", "trainable_params", "trainable_share", "wall_time_s", "tokens_per_s", "peak_host_rss_gb",
               "peak_gpu_gb", "output_bytes", "final_train_loss", "final_val_loss", "generation_tokens_per_s")
+# The judges' columns: a model's pairwise result against its opponent (`judge/vs`) and its reward-model
+# score (win rate against `reward/vs`); each figure with its 95% bootstrap interval.
+JUDGE_COLUMNS = ("judge/vs", "judge/win", "judge/win_low", "judge/win_high", "judge/tie", "judge/tie_low",
+                 "judge/tie_high", "judge/loss", "judge/loss_low", "judge/loss_high", "judge/same_position",
+                 "judge/n", "reward/mean", "reward/mean_low", "reward/mean_high", "reward/vs", "reward/win_rate",
+                 "reward/win_rate_low", "reward/win_rate_high", "reward/n")
 
 
 @dataclass
@@ -29,6 +35,7 @@ class Entry:
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # train / val loss by step
     figures: dict[str, float] = field(default_factory=dict)
     samples: list[tuple[str, str]] = field(default_factory=list)
+    judged: dict[str, Any] = field(default_factory=dict)  # JUDGE_COLUMNS found for it
 
 
 def read_entry(path: str | Path, label: str) -> Entry:
@@ -147,17 +154,91 @@ def measured_generation_speed(model, vocab_size: int) -> float:
     return generation_tokens_per_s(model, vocab_size)
 
 
+def record_pairwise(entry: Entry, opponent: str, result: dict[str, Any]) -> None:
+    entry.judged["judge/vs"] = opponent
+    for outcome in ("win", "tie", "loss"):
+        _record_interval(entry, f"judge/{outcome}", result[outcome])
+    entry.judged["judge/same_position"] = result["same_position"]
+    entry.judged["judge/n"] = result["n"]
+
+
+def record_reward(entry: Entry, mean: dict[str, float], n: int, opponent: str | None = None,
+                  win_rate: dict[str, float] | None = None) -> None:
+    _record_interval(entry, "reward/mean", mean)
+    entry.judged["reward/n"] = n
+    if opponent is not None:
+        entry.judged["reward/vs"] = opponent
+        _record_interval(entry, "reward/win_rate", win_rate)
+
+
+def _record_interval(entry: Entry, name: str, interval: dict[str, float]) -> None:
+    entry.judged.update({name: interval["value"], f"{name}_low": interval["low"], f"{name}_high": interval["high"]})
+
+
+def run_judges(entries: list[Entry], prompts: list[str], answers: dict[str, list[str]], *, prompts_file: str,
+               judge: str | None, reward_judge, against: str, attempt, skipped: list[str]) -> list[str]:
+    """Both judges over every model's answers, recorded on the entries. `attempt(what, fn, *args)` runs
+    one judgement (stopping the command, or with --keep-going listing it in `skipped`); a comparison whose
+    answers are missing is listed in `skipped`. Returns the lines that say what the tables measure."""
+    from eval import judge as J
+
+    if not prompts:
+        return []
+    by_label = {e.label: e for e in entries}
+    pairs = J.opponents([e.label for e in entries], against)
+    rival = "the first model" if against == "first" else "the model before it"
+    notes = []
+    if judge:
+        chat_judge = attempt(f"judge {judge}: load", J.ChatJudge, judge)
+        for label, opponent in pairs if chat_judge is not None else []:
+            if label not in answers or opponent not in answers:
+                skipped.append(f"judge: `{label}` vs `{opponent}`: no answers from "
+                               f"`{label if label not in answers else opponent}` (see above)")
+                continue
+            result = attempt(f"judge: `{label}` vs `{opponent}`", J.pairwise, chat_judge, prompts, answers[label],
+                             answers[opponent])
+            if result is not None:
+                record_pairwise(by_label[label], opponent, result)
+        notes.append(f"- Pairwise judge `{judge}` over the {len(prompts)} prompts of `{prompts_file}`, "
+                     f"each model against {rival}: each pair judged in both orders, a win needs both; "
+                     "95% bootstrap intervals over prompts. A judge that prefers a position shows as ties "
+                     "(last column: how often it chose the same position in both orders).")
+    if reward_judge is not None:
+        scores = {}
+        for label, texts in answers.items():
+            found = attempt(f"reward judge: `{label}`", reward_judge.scores, prompts, texts)
+            if found is not None:
+                scores[label] = found
+        for entry in entries:
+            if entry.label in scores:
+                record_reward(entry, J.bootstrap(scores[entry.label]).as_dict(), len(prompts))
+        for label, opponent in pairs:
+            if label in scores and opponent in scores:
+                result = J.reward_judge(scores[label], scores[opponent])
+                record_reward(by_label[label], result["mean_a"], result["n"], opponent, result["win_rate_a"])
+            elif label in answers and opponent in answers:
+                continue  # a scoring failure, already listed as skipped
+            else:
+                skipped.append(f"reward judge: `{label}` vs `{opponent}`: no answers from "
+                               f"`{label if label not in answers else opponent}` (see above)")
+        notes.append(f"- Reward model `{reward_judge.path}` scores every model's answers to the same prompts: "
+                     f"mean score, and the share of prompts where a model scores above {rival} "
+                     "(equal scores count half); 95% bootstrap intervals over prompts.")
+    return notes
+
+
 # ------------------------------------------------------------------------------- outputs
 
 
 def write_csv(entries: list[Entry], metric_names: list[str]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["label", "path", *EFFICIENCY, *metric_names])
+    judged = [c for c in JUDGE_COLUMNS if any(c in e.judged for e in entries)]
+    writer.writerow(["label", "path", *EFFICIENCY, *metric_names, *judged])
     for e in entries:
         eff = efficiency_row(e)
         writer.writerow([e.label, str(e.path), *(_cell(eff[k]) for k in EFFICIENCY),
-                         *(_cell(e.figures.get(m)) for m in metric_names)])
+                         *(_cell(e.figures.get(m)) for m in metric_names), *(_cell(e.judged.get(c)) for c in judged)])
     return buffer.getvalue()
 
 
@@ -182,13 +263,13 @@ def _fmt(value: Any, kind: str = "") -> str:
 
 
 def markdown_report(entries: list[Entry], metric_names: list[str], skipped: list[str], notes: list[str],
-                    judges: list[str], figures: list[str]) -> str:
+                    judge_notes: list[str], figures: list[str]) -> str:
     lines = ["# Comparison", ""]
     if skipped:
         lines += ["**Skipped (not in the figures below):**", ""] + [f"- {s}" for s in skipped] + [""]
     lines += ["Models: " + ", ".join(f"`{e.label}` ({e.path})" for e in entries), ""]
-    lines += ["## Cost", "", "| model | method | trainable params | share | wall time | train tok/s | peak RSS |"
-              " saved size | final train loss | final val loss | generation tok/s |",
+    lines += ["## Cost", "", ("| model | method | trainable params | share | wall time | train tok/s | peak RSS |"
+                              " saved size | final train loss | final val loss | generation tok/s |"),
               "|" + "---|" * 11]
     for e in entries:
         r = efficiency_row(e)
@@ -204,8 +285,8 @@ def markdown_report(entries: list[Entry], metric_names: list[str], skipped: list
             lines.append(f"| {e.label} | " + " | ".join(_fmt(e.figures.get(m)) for m in metric_names) + " |")
     if notes:
         lines += ["", "What the figures measure:", ""] + [f"- {n}" for n in notes]
-    if judges:
-        lines += ["", "## Judges", ""] + judges
+    if judge_notes or any(e.judged for e in entries):
+        lines += ["", "## Judges", ""] + judge_notes + judge_tables(entries)
     if any(e.samples for e in entries):
         lines += ["", "## Samples (greedy)", ""]
         for e in entries:
@@ -214,6 +295,28 @@ def markdown_report(entries: list[Entry], metric_names: list[str], skipped: list
     if figures:
         lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def judge_tables(entries: list[Entry]) -> list[str]:
+    lines = []
+    pairwise = [e for e in entries if "judge/vs" in e.judged]
+    if pairwise:
+        lines += ["", "| model | against | win | tie | loss | same position in both orders | prompts |",
+                  "|" + "---|" * 7]
+        lines += [f"| {e.label} | {e.judged['judge/vs']} | {_ci(e.judged, 'judge/win')} | {_ci(e.judged, 'judge/tie')} | "
+                  f"{_ci(e.judged, 'judge/loss')} | {100 * e.judged['judge/same_position']:.0f}% | "
+                  f"{e.judged['judge/n']} |" for e in pairwise]
+    scored = [e for e in entries if "reward/mean" in e.judged]
+    if scored:
+        lines += ["", "| model | mean reward | against | win rate | prompts |", "|" + "---|" * 5]
+        lines += [f"| {e.label} | {_ci(e.judged, 'reward/mean')} | {e.judged.get('reward/vs', '-')} | "
+                  f"{_ci(e.judged, 'reward/win_rate') if 'reward/vs' in e.judged else '-'} | {e.judged['reward/n']} |"
+                  for e in scored]
+    return lines
+
+
+def _ci(judged: dict[str, Any], name: str) -> str:
+    return f"{judged[name]:.3g} [{judged[f'{name}_low']:.3g}, {judged[f'{name}_high']:.3g}]"
 
 
 def draw_figures(entries: list[Entry], metric_names: list[str], out: Path) -> list[str]:
@@ -269,7 +372,46 @@ def draw_figures(entries: list[Entry], metric_names: list[str], out: Path) -> li
         fig.savefig(out / "efficiency.png", dpi=110)
         plt.close(fig)
         written.append("efficiency.png")
+    if any(e.judged for e in entries):
+        draw_judges(plt, entries, out)
+        written.append("judges.png")
     return written
+
+
+def draw_judges(plt, entries: list[Entry], out: Path) -> None:
+    """Pairwise win / tie / loss as stacked bars (win's interval as an error bar); mean reward per model."""
+    pairwise = [e for e in entries if "judge/vs" in e.judged]
+    scored = [e for e in entries if "reward/mean" in e.judged]
+    panels = [p for p in (pairwise, scored) if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    axes = list(axes[0])
+    if pairwise:
+        ax = axes.pop(0)
+        names = [f"{e.label}\nvs {e.judged['judge/vs']}" for e in pairwise]
+        bottom = [0.0] * len(pairwise)
+        for outcome, color in (("win", "tab:green"), ("tie", "tab:gray"), ("loss", "tab:red")):
+            values = [e.judged[f"judge/{outcome}"] for e in pairwise]
+            ax.bar(names, values, bottom=bottom, color=color, label=outcome)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        win = [e.judged["judge/win"] for e in pairwise]
+        ax.errorbar(names, win, yerr=[[w - e.judged["judge/win_low"] for w, e in zip(win, pairwise)],
+                                      [e.judged["judge/win_high"] - w for w, e in zip(win, pairwise)]],
+                    fmt="none", ecolor="black", capsize=4)
+        ax.set_ylim(0, 1)
+        ax.set_title("pairwise judge, both orders (95% CI on win)", fontsize=9)
+        ax.legend(fontsize=7)
+    if scored:
+        ax = axes.pop(0)
+        means = [e.judged["reward/mean"] for e in scored]
+        # Points, not bars: a reward's zero is arbitrary, so bar heights from it would mean nothing.
+        ax.errorbar([e.label for e in scored], means, fmt="o", color="tab:blue", capsize=4,
+                    yerr=[[m - e.judged["reward/mean_low"] for m, e in zip(means, scored)],
+                          [e.judged["reward/mean_high"] - m for m, e in zip(means, scored)]])
+        ax.margins(x=0.3)
+        ax.set_title("reward model: mean score (95% CI)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "judges.png", dpi=110)
+    plt.close(fig)
 
 
 def elapsed(start: float) -> str:

@@ -11,8 +11,10 @@ of prompts where A scores above B, with the same bootstrap interval.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,24 +61,57 @@ def rates(outcomes: Sequence[int], samples: int = 2000, seed: int = 0) -> dict[s
             "loss": bootstrap(arr == -1, samples, seed).as_dict(), "n": int(arr.size)}
 
 
+def read_judge_prompts(path: str | Path) -> list[str]:
+    """The questions both models answer: JSONL whose rows each hold a `prompt` string (other keys are
+    ignored, so a held-out preference-pair file or an IFEval prompt file serves as it is)."""
+    import json
+
+    prompts = []
+    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{line_no}: not valid JSON (judge prompts are JSONL rows with a 'prompt')") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{path}:{line_no}: needs 'prompt' as a non-empty string")
+        prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"{path}: no judge prompts")
+    return prompts
+
+
+def judge_tokenizer(model_path: str | Path, tokenizer_dir: str | Path | None = None):
+    """The judge's tokenizer and the ids of its two verdicts; reads no weights, so a judge that cannot
+    judge is refused before any model is evaluated."""
+    from eval.lm_eval_model import find_tokenizer
+    from trainer.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir or find_tokenizer(model_path))
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{model_path}: the judge's tokenizer has no chat template; a judge must be a chat model")
+    choices = []
+    for label in ("1", "2"):
+        ids = tokenizer.encode(label, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"{model_path}: the judge's tokenizer splits '{label}' into {len(ids)} tokens")
+        choices.append(ids[0])
+    return tokenizer, choices
+
+
 class ChatJudge:
     """A local causal LM with a chat template, answering "1" or "2"."""
 
-    def __init__(self, model_path: str, tokenizer_dir: str | None = None, device: str = "cpu"):
-        from eval.lm_eval_model import find_tokenizer
-        from trainer.data.tokenizer import load_tokenizer
+    def __init__(self, model_path: str | Path, tokenizer_dir: str | Path | None = None, device: str = "cpu"):
         from trainer.export import load_model
 
-        self.tokenizer = load_tokenizer(tokenizer_dir or find_tokenizer(model_path))
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"{model_path}: the judge's tokenizer has no chat template; a judge must be a chat model")
-        self.choices = []
-        for label in ("1", "2"):
-            ids = self.tokenizer.encode(label, add_special_tokens=False)
-            if len(ids) != 1:
-                raise ValueError(f"{model_path}: the judge's tokenizer splits '{label}' into {len(ids)} tokens")
-            self.choices.append(ids[0])
-        self.model = load_model(model_path).to(device).eval()
+        self.tokenizer, self.choices = judge_tokenizer(model_path, tokenizer_dir)
+        try:
+            self.model = load_model(model_path).to(device).eval()
+        except (OSError, KeyError, RuntimeError) as err:
+            raise ValueError(f"{model_path}: the judge cannot be loaded ({str(err).splitlines()[0]})") from None
         self.device = device
 
     @torch.no_grad()
@@ -97,35 +132,49 @@ def pairwise(judge: ChatJudge, prompts: Sequence[str], answers_a: Sequence[str],
     a_second = [judge.choose(p, b, a) for p, a, b in zip(prompts, answers_a, answers_b, strict=True)]
     result = rates(combine_orders(a_first, a_second), samples)
     # How often the verdict follows the position rather than the answer: the bias both orders cancel.
-    result["position_flips"] = sum(f == s for f, s in zip(a_first, a_second)) / max(len(prompts), 1)
+    result["same_position"] = sum(f == s for f, s in zip(a_first, a_second)) / max(len(prompts), 1)
     return result
 
 
-def reward_scores(reward_model: str, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 8,
-                  device: str = "cpu") -> np.ndarray:
-    """The reward model's score of each (prompt, answer), rendered as its training rendered pairs."""
-    from trainer.data.tokenizer import load_tokenizer
-    from trainer.score import (ScoreReport, ScoreRow, find_classifier, length_limits, load_scoring_model,
-                               parse_score_row, score_sequences, tokenize_score_rows)
+class RewardJudge:
+    """A reward model (one output) scoring each (prompt, answer) as RL rollouts are scored
+    (trainer.rl.rewards: its own tokenizer and chat template, as its training rendered pairs).
 
-    source = find_classifier(reward_model)
-    if source.num_labels != 1:
-        raise ValueError(f"{reward_model}: a classifier with {source.num_labels} labels, not a reward model")
-    if source.tokenizer is None:
-        raise FileNotFoundError(f"{reward_model}: no tokenizer found beside the reward model")
-    tokenizer = load_tokenizer(source.tokenizer)
-    max_len, max_prompt_len = length_limits(source, None, None)
-    rows = [ScoreRow(f"answer {i}", {}, pair=parse_score_row({"prompt": p, "response": a}))
-            for i, (p, a) in enumerate(zip(prompts, answers, strict=True))]
-    seqs = tokenize_score_rows(tokenizer, rows, max_len=max_len, max_prompt_len=max_prompt_len, chat_template="auto",
-                               report=ScoreReport())
-    model = load_scoring_model(source, torch.device(device), torch.float32)
-    pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
-    return score_sequences(model, seqs, batch_size=batch_size, pad_id=pad_id)[:, 0]
+    Construction reads configs only, so a classifier with several outputs or no tokenizer is refused
+    in one line before any model is evaluated; the weights load on the first `scores`."""
+
+    def __init__(self, reward_model: str | Path, batch_size: int = 8, device: str = "cpu"):
+        from trainer.score import find_classifier
+
+        self.path, self.batch_size, self.device = str(reward_model), batch_size, torch.device(device)
+        source = find_classifier(reward_model)
+        if source.num_labels != 1:
+            raise ValueError(f"{reward_model}: the model has {source.num_labels} outputs; a reward model has one")
+        if source.tokenizer is None:
+            raise FileNotFoundError(f"{reward_model}: no tokenizer found beside the reward model")
+        self.scorer = None
+
+    def scores(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+        from trainer.rl.rewards import RewardModelScores
+
+        if self.scorer is None:
+            self.scorer = RewardModelScores(self.path, self.device, torch.float32, self.batch_size)
+        messages = [[{"role": "user", "content": p}] for p in prompts]
+        return np.asarray(self.scorer(prompts, list(answers), messages), dtype=np.float64)
+
+
+def opponents(labels: Sequence[str], against: str) -> list[tuple[str, str]]:
+    """(model, the model it is judged against): every later model against the first (a baseline and its
+    variants), or each against the one before it (a pipeline: what each stage added)."""
+    if against == "first":
+        return [(label, labels[0]) for label in labels[1:]]
+    if against == "previous":
+        return list(zip(labels[1:], labels[:-1]))
+    raise ValueError(f"judge against '{against}': expected 'first' or 'previous'")
 
 
 def reward_judge(scores_a: np.ndarray, scores_b: np.ndarray, samples: int = 2000) -> dict[str, Any]:
     """Mean reward of each side and A's win rate (ties, equal scores, count as half)."""
     wins = np.where(scores_a > scores_b, 1.0, np.where(scores_a == scores_b, 0.5, 0.0))
     return {"mean_a": bootstrap(scores_a, samples).as_dict(), "mean_b": bootstrap(scores_b, samples).as_dict(),
-            "win_rate_a": bootstrap(wins, samples).as_dict(), "n": int(len(wins))}
+            "win_rate_a": bootstrap(wins, samples).as_dict(), "n": len(wins)}

@@ -75,6 +75,16 @@ class LlamatrainLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return self.tokenizer.name_or_path.replace("/", "__")
 
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Chat-rendered tasks (`apply_chat_template=True`: IFEval on an instruction-tuned model) as lm-eval's
+        `hf` model renders them: the tokenizer's own template, as text."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.pretrained}: the tokenizer has no chat template; evaluate without "
+                             "apply_chat_template (a base model continues raw text)")
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:
         special = _add_special_kwargs(add_special_tokens, self.add_bos_token)

@@ -3,6 +3,8 @@
     python launch/compare.py runs/demo/pretrain runs/demo/sft runs/demo/dpo --labels base,sft,dpo \
         --tasks eval/tasks/demo --pairs runs/demo/data/raw/dpo_eval.jsonl --out runs/demo/compare
     python launch/compare.py runs/lora runs/prompt_tuning --out cmp      # the cost table alone
+    python launch/compare.py runs/base runs/sft runs/dpo --out cmp --judge-prompts questions.jsonl \
+        --judge runs/judge --reward-judge runs/reward --judge-against previous      # judges, each vs the one before
 
 Each RUN_OR_MODEL is a run folder (its summary.json and metrics.jsonl are read; the model is its
 adapter, else its model/, else its newest checkpoint) or a model path (a checkpoint, an HF Llama
@@ -25,11 +27,16 @@ def parse_args(argv=None):
     p.add_argument("--labels", help="comma-separated names, one per model (default: folder names)")
     p.add_argument("--tasks", nargs="*", default=[], help="lm-eval task YAMLs / folders, or task names in the HF cache")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="lm-eval: render the tasks' prompts through each model's chat template (IFEval)")
     p.add_argument("--pairs", help="preference pairs JSONL: the policy's own preference accuracy on them")
     p.add_argument("--ifeval", help="IFEval-style prompt JSONL (see eval/ifeval.py), scored strict and loose")
-    p.add_argument("--prompts", help="one prompt a line: answers for the judges (first model is A)")
-    p.add_argument("--judge", help="a local chat model that judges answers pairwise, both orders")
-    p.add_argument("--reward-model", help="a reward model that scores the answers")
+    p.add_argument("--judge-prompts", help="JSONL rows with a 'prompt': every model answers them (chat) for the judges")
+    p.add_argument("--judge", help="a local chat model that judges two models' answers pairwise, both orders")
+    p.add_argument("--reward-judge", help="a reward model (one output) that scores every model's answers")
+    p.add_argument("--judge-against", choices=("first", "previous"), default="first",
+                   help="each model is judged against the first (default: a baseline and its variants) or the one "
+                        "before it (a pipeline: what each stage added)")
     p.add_argument("--raw-sample", action="append", default=[], help="text every model continues (report samples)")
     p.add_argument("--chat-sample", action="append", default=[], help="a question every model answers in chat")
     p.add_argument("--batch-size", type=int, default=8)
@@ -39,36 +46,49 @@ def parse_args(argv=None):
     labels = args.labels.split(",") if args.labels else [Path(m).name for m in args.models]
     if len(labels) != len(args.models):
         p.error(f"--labels names {len(labels)} models but {len(args.models)} were given")
-    if (args.judge or args.reward_model) and not args.prompts:
-        p.error("--judge and --reward-model need --prompts")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        p.error(f"two models are labelled {repeated[0]!r}; give --labels that tell them apart")
+    judged = args.judge or args.reward_judge
+    if judged and not args.judge_prompts:
+        p.error("--judge and --reward-judge need --judge-prompts")
+    if args.judge_prompts and not judged:
+        p.error("--judge-prompts needs --judge or --reward-judge")
+    if judged and len(args.models) < 2:
+        p.error("the judges compare models: give at least two")
     return args, labels
 
 
 def main(argv=None) -> int:
     from eval import compare as C
+    from eval import judge as J
     from trainer.atomic import atomic_directory, refuse_occupied
 
     args, labels = parse_args(argv)
     out = Path(args.out)
     refuse_occupied(out)  # before any evaluation: a taken folder costs nothing
-    for path in [args.pairs, args.ifeval, args.prompts]:
+    for path in [args.pairs, args.ifeval, args.judge_prompts]:
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such file")
     entries = [C.read_entry(m, label) for m, label in zip(args.models, labels)]
+    # Judges that cannot judge are refused before hours of evaluation, not after.
+    prompts = J.read_judge_prompts(args.judge_prompts) if args.judge_prompts else []
+    if args.judge:
+        J.judge_tokenizer(args.judge)
+    reward_judge = J.RewardJudge(args.reward_judge, batch_size=args.batch_size) if args.reward_judge else None
     metric_names: list[str] = []
     notes: list[str] = []
     skipped: list[str] = []
     answers: dict[str, list[str]] = {}
-    prompts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()] if args.prompts else []
     ifeval_rows = None
     if args.ifeval:
         from eval.ifeval import read_prompts
 
         ifeval_rows = read_prompts(args.ifeval)
 
-    def attempt(what: str, fn):
+    def attempt(what: str, fn, *fn_args, **fn_kwargs):
         try:
-            return fn()
+            return fn(*fn_args, **fn_kwargs)
         except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
             if not args.keep_going:
                 raise ValueError(f"{what}: {str(err).splitlines()[0]}") from None
@@ -82,7 +102,7 @@ def main(argv=None) -> int:
                 metric_names.append(name)
 
     for entry in entries:
-        loaded = attempt(f"{entry.label}: load", lambda: C.load_for_eval(entry))
+        loaded = attempt(f"{entry.label}: load", C.load_for_eval, entry)
         if loaded is None:
             continue
         model, tokenizer = loaded
@@ -91,25 +111,28 @@ def main(argv=None) -> int:
         if args.tasks:
             from eval.benchmarks import headline_scores, run_benchmarks
 
-            results = attempt(f"{entry.label}: lm-eval {' '.join(map(str, args.tasks))}", lambda: run_benchmarks(
-                entry.path, args.tasks, batch_size=args.batch_size, limit=args.limit))
+            results = attempt(f"{entry.label}: lm-eval {' '.join(map(str, args.tasks))}", run_benchmarks,
+                              entry.path, args.tasks, batch_size=args.batch_size, limit=args.limit,
+                              apply_chat_template=args.apply_chat_template)
             add(entry, headline_scores(results) if results else None)
         if args.pairs:
-            add(entry, attempt(f"{entry.label}: preference pairs",
-                               lambda: C.preference_accuracy(model, tokenizer, args.pairs)))
+            add(entry, attempt(f"{entry.label}: preference pairs", C.preference_accuracy, model, tokenizer,
+                               args.pairs))
         if ifeval_rows is not None:
             from eval.ifeval import score
 
-            def ifeval():
+            def ifeval(model, tokenizer):
                 responses = C.generate_texts(model, tokenizer, [r["prompt"] for r in ifeval_rows], chat=True,
                                              max_new_tokens=args.max_new_tokens)
                 scored = score(ifeval_rows, responses)
                 notes.append(f"ifeval: checkers {scored.pop('checkers')}")
                 return {f"ifeval/{k}": v for k, v in scored.items()}
-            add(entry, attempt(f"{entry.label}: ifeval", ifeval))
+            add(entry, attempt(f"{entry.label}: ifeval", ifeval, model, tokenizer))
         if prompts:
-            answers[entry.label] = C.generate_texts(model, tokenizer, prompts, chat=True,
-                                                    max_new_tokens=args.max_new_tokens)
+            texts = attempt(f"{entry.label}: answers for the judges", C.generate_texts, model, tokenizer, prompts,
+                            chat=True, max_new_tokens=args.max_new_tokens)
+            if texts is not None:
+                answers[entry.label] = texts
         for text in args.raw_sample:
             entry.samples.append((text, C.generate_texts(model, tokenizer, [text], chat=False,
                                                          max_new_tokens=args.max_new_tokens)[0]))
@@ -118,26 +141,9 @@ def main(argv=None) -> int:
                                                                      max_new_tokens=args.max_new_tokens)[0]))
         model = tokenizer = None  # freed before the next entry loads
 
-    judges = []
-    if prompts and len(answers) >= 2:
-        from eval import judge as J
-
-        base_label = entries[0].label
-        if args.judge:
-            chat_judge = J.ChatJudge(args.judge)
-            for label, texts in answers.items():
-                if label != base_label and base_label in answers:
-                    r = J.pairwise(chat_judge, prompts, texts, answers[base_label])
-                    judges.append(f"- judge `{args.judge}`: `{label}` vs `{base_label}` over {r['n']} prompts, "
-                                  f"both orders: win {_ci(r['win'])}, tie {_ci(r['tie'])}, loss {_ci(r['loss'])}; "
-                                  f"same position chosen in both orders {100 * r['position_flips']:.0f}%")
-        if args.reward_model:
-            scores = {label: J.reward_scores(args.reward_model, prompts, texts) for label, texts in answers.items()}
-            for label in scores:
-                if label != base_label and base_label in scores:
-                    r = J.reward_judge(scores[label], scores[base_label])
-                    judges.append(f"- reward model `{args.reward_model}`: `{label}` mean {_ci(r['mean_a'])} vs "
-                                  f"`{base_label}` mean {_ci(r['mean_b'])}; `{label}` wins {_ci(r['win_rate_a'])}")
+    judge_notes = C.run_judges(entries, prompts, answers, prompts_file=args.judge_prompts, judge=args.judge,
+                               reward_judge=reward_judge, against=args.judge_against, attempt=attempt,
+                               skipped=skipped)
     if args.pairs:
         notes.append("pref_accuracy: share of held-out pairs where the model itself gives the chosen answer a "
                      "higher log-probability than the rejected one (chat-rendered, no reference model); "
@@ -146,13 +152,9 @@ def main(argv=None) -> int:
         figures = C.draw_figures(entries, metric_names, staging)
         (staging / "comparison.csv").write_text(C.write_csv(entries, metric_names))
         (staging / "report.md").write_text(C.markdown_report(entries, metric_names, skipped, sorted(set(notes)),
-                                                             judges, figures))
+                                                             judge_notes, figures))
     print((out / "report.md").read_text())
     return 0
-
-
-def _ci(interval: dict) -> str:
-    return f"{interval['value']:.3g} [{interval['low']:.3g}, {interval['high']:.3g}]"
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 # demo data -> tokenizer -> token shards -> pretraining -> LoRA SFT (before/after generations)
 # -> merged export -> preference tuning on the SFT model's own wrong answers (held-out accuracy before/after)
 # -> a reward model on the made-up correct/wrong pairs
-# -> a comparison report of base, SFT and DPO (launch/compare.py).
+# -> a comparison report of base, SFT and DPO with the reward model and a pairwise judge (launch/compare.py).
 # (No GRPO stage: on this demo it does not raise held-out accuracy; docs/rl.md#figures.)
 # Everything lands under runs/demo/ (override with RUN=...). A few minutes on 2 cores.
 set -euo pipefail
@@ -62,10 +62,14 @@ rm -rf "$RUN/reward"
     "reward.train_files=[$RUN/data/raw/dpo.jsonl]" "reward.val_files=[$RUN/data/raw/dpo_eval.jsonl]" \
     train.output_dir="$RUN/reward"
 
-step "9. what each stage did: base -> SFT -> DPO side by side (raw-text facts, sums, chat answers, held-out pairs)"
+step "9. what each stage did: base -> SFT -> DPO side by side (raw-text facts, sums, chat answers, held-out pairs, judges)"
+# Judges on the 95 held-out questions, each stage against the one before: the reward model of stage 8, and
+# the SFT model as a pairwise judge (a 1M-parameter judge: it shows the plumbing, not a verdict to trust).
 rm -rf "$RUN/compare"
 python launch/compare.py "$RUN/pretrain" "$RUN/sft" "$RUN/dpo" --labels base,sft,dpo --out "$RUN/compare" \
     --tasks eval/tasks/demo --pairs "$RUN/data/raw/dpo_eval.jsonl" --ifeval eval/prompts/ifeval_demo.jsonl \
-    --raw-sample "Durmin lives in" --chat-sample "Where does Durmin live?" --chat-sample "What is 18 + 10?"
+    --raw-sample "Durmin lives in" --chat-sample "Where does Durmin live?" --chat-sample "What is 18 + 10?" \
+    --judge-prompts "$RUN/data/raw/dpo_eval.jsonl" --judge "$RUN/sft/model" --reward-judge "$RUN/reward" \
+    --judge-against previous
 
 step "done: everything is under $RUN (metrics.jsonl, summary.json and tensorboard/ in each stage's folder; $RUN/compare/report.md)"

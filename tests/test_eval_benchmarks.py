@@ -159,3 +159,27 @@ def test_shipped_demo_tasks_match_the_demo_world(tmp_path):
     write_demo_tasks(tmp_path)
     for name in ("demo_facts_mc.jsonl", "demo_sums_gen.jsonl"):
         assert (tmp_path / name).read_text() == (DEMO_TASKS_DIR / name).read_text()
+
+
+
+@pytest.mark.slow  # two lm-eval runs
+def test_chat_rendered_tasks_render_and_answer_as_lm_eval_hf(world):
+    """apply_chat_template (IFEval on an instruction-tuned model): the same prompts as lm-eval's `hf` model
+    renders through the tokenizer's template, and the same greedy answers."""
+    import lm_eval
+
+    from eval.benchmarks import load_task_config, run_benchmarks
+
+    tasks = world / "tasks" / "demo_sums_gen.yaml"
+    ours = run_benchmarks(world / "base", [tasks], batch_size=4, log_samples=True, apply_chat_template=True)
+    _stop_at_eos(world / "base")
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={world / 'base'},dtype=float32",
+                                     tasks=[load_task_config(tasks)], batch_size=4, device="cpu", log_samples=True,
+                                     apply_chat_template=True)
+    mine, hf = ({s["doc_id"]: s for s in r["samples"]["demo_sums_gen"]} for r in (ours, theirs))
+    assert mine.keys() == hf.keys() and len(mine) == 4
+    for doc_id, sample in mine.items():
+        prompt = sample["arguments"][0][0]
+        assert "<|start_header_id|>" in prompt and sample["doc"]["question"] in prompt
+        assert prompt == hf[doc_id]["arguments"][0][0]
+        assert sample["filtered_resps"] == hf[doc_id]["filtered_resps"]

@@ -219,3 +219,116 @@ def test_lora_vs_prompt_tuning_table_from_one_call(tmp_path):
     assert int(prompt["output_bytes"]) < int(lora["output_bytes"])
     assert all(float(r[k]) > 0 for r in rows.values() for k in ("wall_time_s", "final_val_loss",
                                                                  "generation_tokens_per_s"))
+
+
+def test_judges_are_matched_against_the_first_or_the_previous_model():
+    from eval.judge import opponents
+
+    assert opponents(["base", "sft", "dpo"], "first") == [("sft", "base"), ("dpo", "base")]
+    assert opponents(["base", "sft", "dpo"], "previous") == [("sft", "base"), ("dpo", "sft")]
+
+
+def _compare_main():
+    import sys
+    sys.path.insert(0, str(Path(__file__).parents[1] / "launch"))
+    from compare import main
+    return main
+
+
+@pytest.fixture(scope="module")
+def judges(runs) -> Path:
+    """A reward model (one output), a three-output classifier, and judge prompts in the shape compare reads."""
+    from tests.test_score import save_classifier
+    from trainer.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(runs / "tokenizer")
+    save_classifier(runs / "rm", tok, 1, {0: "reward"})
+    save_classifier(runs / "three", tok, 3, {0: "a", 1: "b", 2: "c"})
+    write_jsonl(runs / "questions.jsonl", [{"prompt": q} for q in (
+        "Where does Durmin live?", "What is 18 + 10?", "What colour does Durmin like?", "Name a town.")])
+    return runs
+
+
+def test_compare_runs_both_judges_into_csv_report_and_figure(judges):
+    import csv
+
+    from eval import compare as C
+    from eval import judge as J
+
+    out = judges / "judged"
+    assert _compare_main()([str(judges / "lora"), str(judges / "lora"), str(judges / "prompt"),
+                            "--labels", "LoRA,LoRA again,prompt", "--out", str(out),
+                            "--judge-prompts", str(judges / "questions.jsonl"), "--judge", str(judges / "lora" / "model"),
+                            "--reward-judge", str(judges / "rm"), "--judge-against", "previous",
+                            "--max-new-tokens", "8"]) == 0
+    assert (out / "judges.png").is_file()
+    rows = {r["label"]: r for r in csv.DictReader((out / "comparison.csv").open())}
+    first, same, other = rows["LoRA"], rows["LoRA again"], rows["prompt"]
+    assert first["judge/vs"] == "" and first["reward/vs"] == "" and first["reward/mean"] != ""
+    # The same model against itself: identical answers, so the judge picks one position in both orders
+    # (every prompt a tie) and the reward model scores both sides equally (a win rate of one half).
+    assert (same["judge/vs"], same["judge/tie"], same["judge/win"], same["judge/same_position"]) == \
+        ("LoRA", "1", "0", "1")
+    assert (same["reward/vs"], same["reward/win_rate"], same["reward/mean"]) == ("LoRA", "0.5", first["reward/mean"])
+    # A different model: the figures are what the judges give on the answers the models generate.
+    prompts = J.read_judge_prompts(judges / "questions.jsonl")
+    answers = []
+    for run in ("lora", "prompt"):
+        model, tok = C.load_for_eval(C.read_entry(judges / run, run))
+        answers.append(C.generate_texts(model, tok, prompts, chat=True, max_new_tokens=8))
+    expected = J.pairwise(J.ChatJudge(judges / "lora" / "model"), prompts, answers[1], answers[0])
+    assert other["judge/vs"] == "LoRA again" and other["judge/n"] == "4"
+    for outcome in ("win", "tie", "loss"):
+        low, value, high = (float(other[f"judge/{outcome}{s}"]) for s in ("_low", "", "_high"))
+        assert value == pytest.approx(expected[outcome]["value"], abs=1e-5) and low <= value <= high
+    assert sum(float(other[f"judge/{o}"]) for o in ("win", "tie", "loss")) == pytest.approx(1.0)
+    scores = J.RewardJudge(judges / "rm")
+    expected = J.reward_judge(scores.scores(prompts, answers[1]), scores.scores(prompts, answers[0]))
+    assert float(other["reward/mean"]) == pytest.approx(expected["mean_a"]["value"], rel=1e-4)
+    assert float(other["reward/win_rate"]) == pytest.approx(expected["win_rate_a"]["value"], abs=1e-5)
+    report = (out / "report.md").read_text()
+    assert "## Judges" in report and "each model against the model before it" in report
+    assert "| LoRA again | LoRA | 0 [0, 0] | 1 [1, 1] | 0 [0, 0] | 100% | 4 |" in report
+
+
+def test_compare_judge_bad_input_is_one_line_before_any_evaluation(judges, tmp_path):
+    import json
+    import shutil
+
+    main = _compare_main()
+    models = [str(judges / "lora"), str(judges / "prompt")]
+    questions = str(judges / "questions.jsonl")
+    plain = tmp_path / "plain"
+    shutil.copytree(judges / "lora" / "model", plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="plain: the judge's tokenizer has no chat template"):
+        main([*models, "--out", str(tmp_path / "a"), "--judge-prompts", questions, "--judge", str(plain)])
+    with pytest.raises(ValueError, match="three: the model has 3 outputs; a reward model has one"):
+        main([*models, "--out", str(tmp_path / "b"), "--judge-prompts", questions, "--reward-judge",
+              str(judges / "three")])
+    shapeless = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "ok"}, {"question": "?"}])
+    with pytest.raises(ValueError, match=r"q.jsonl:2: needs 'prompt' as a non-empty string"):
+        main([*models, "--out", str(tmp_path / "c"), "--judge-prompts", str(shapeless), "--reward-judge",
+              str(judges / "rm")])
+    (tmp_path / "q.txt").write_text("Where does Durmin live?\n")
+    with pytest.raises(ValueError, match=r"q.txt:1: not valid JSON"):
+        main([*models, "--out", str(tmp_path / "d"), "--judge-prompts", str(tmp_path / "q.txt"), "--reward-judge",
+              str(judges / "rm")])
+    for argv in (["--judge", str(judges / "lora" / "model")], ["--judge-prompts", questions],
+                 ["--labels", "x,x"]):
+        with pytest.raises(SystemExit):
+            main([*models, "--out", str(tmp_path / "e"), *argv])
+    assert not any((tmp_path / d).exists() for d in "abcde")
+    # A model that cannot be loaded, with --keep-going: its comparisons are listed as skipped, at the top.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    assert main([str(broken), *models, "--out", str(tmp_path / "f"), "--keep-going", "--judge-prompts", questions,
+                 "--reward-judge", str(judges / "rm"), "--max-new-tokens", "4"]) == 0
+    report = (tmp_path / "f" / "report.md").read_text()
+    skipped = report[:report.index("## Cost")]
+    assert "broken: load" in skipped and "reward judge: `lora` vs `broken`: no answers from `broken`" in skipped
+    assert "| prompt | " in report[report.index("## Judges"):]
