@@ -29,7 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
     p.add_argument("--apply-chat-template", action="store_true",
                    help="lm-eval: render the tasks' prompts through each model's chat template (IFEval)")
-    p.add_argument("--pairs", help="preference pairs JSONL: the policy's own preference accuracy on them")
+    p.add_argument("--pairs", action="append", default=[], metavar="[NAME=]FILE",
+                   help="preference pairs JSONL: the policy's own preference accuracy on them (repeat for several "
+                        "sets; a NAME makes the metrics pref_accuracy/NAME, pref_margin/NAME)")
     p.add_argument("--ifeval", help="IFEval-style prompt JSONL (see eval/ifeval.py), scored strict and loose")
     p.add_argument("--judge-prompts", help="JSONL rows with a 'prompt': every model answers them (chat) for the judges")
     p.add_argument("--judge", help="a local chat model that judges two models' answers pairwise, both orders")
@@ -59,6 +61,16 @@ def parse_args(argv=None):
     return args, labels
 
 
+def named_pairs(spec: str) -> tuple[str, str]:
+    """'NAME=FILE' or 'FILE' -> (name or '', file)."""
+    name, sep, file = spec.partition("=")
+    if not sep or Path(spec).is_file():
+        return "", spec
+    if not name or not file or not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"--pairs {spec!r}: expected FILE or NAME=FILE with NAME made of letters, digits, - and _")
+    return name, file
+
+
 def main(argv=None) -> int:
     from eval import compare as C
     from eval import judge as J
@@ -67,7 +79,8 @@ def main(argv=None) -> int:
     args, labels = parse_args(argv)
     out = Path(args.out)
     refuse_occupied(out)  # before any evaluation: a taken folder costs nothing
-    for path in [args.pairs, args.ifeval, args.judge_prompts]:
+    pair_sets = [named_pairs(spec) for spec in args.pairs]
+    for path in [*(file for _, file in pair_sets), args.ifeval, args.judge_prompts]:
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such file")
     entries = [C.read_entry(m, label) for m, label in zip(args.models, labels)]
@@ -115,9 +128,10 @@ def main(argv=None) -> int:
                               entry.path, args.tasks, batch_size=args.batch_size, limit=args.limit,
                               apply_chat_template=args.apply_chat_template)
             add(entry, headline_scores(results) if results else None)
-        if args.pairs:
-            add(entry, attempt(f"{entry.label}: preference pairs", C.preference_accuracy, model, tokenizer,
-                               args.pairs))
+        for name, file in pair_sets:
+            figures = attempt(f"{entry.label}: preference pairs {file}", C.preference_accuracy, model, tokenizer,
+                              file)
+            add(entry, {f"{k}/{name}" if name else k: v for k, v in (figures or {}).items()} or None)
         if ifeval_rows is not None:
             from eval.ifeval import score
 
@@ -147,7 +161,7 @@ def main(argv=None) -> int:
     if args.pairs:
         notes.append("pref_accuracy: share of held-out pairs where the model itself gives the chosen answer a "
                      "higher log-probability than the rejected one (chat-rendered, no reference model); "
-                     "pref_margin: the mean log-probability difference")
+                     "pref_margin: the mean log-probability difference (`/NAME`: on the pairs given as --pairs NAME=FILE)")
     with atomic_directory(out) as staging:
         figures = C.draw_figures(entries, metric_names, staging)
         (staging / "comparison.csv").write_text(C.write_csv(entries, metric_names))

@@ -67,7 +67,8 @@ step "9. what each stage did: base -> SFT -> DPO side by side (raw-text facts, s
 # the SFT model as a pairwise judge (a 1M-parameter judge: it shows the plumbing, not a verdict to trust).
 rm -rf "$RUN/compare"
 python launch/compare.py "$RUN/pretrain" "$RUN/sft" "$RUN/dpo" --labels base,sft,dpo --out "$RUN/compare" \
-    --tasks eval/tasks/demo --pairs "$RUN/data/raw/dpo_eval.jsonl" --ifeval eval/prompts/ifeval_demo.jsonl \
+    --tasks eval/tasks/demo --pairs "made_up=$RUN/data/raw/dpo_eval.jsonl" \
+    --pairs "own_answers=$RUN/onpolicy/dpo_eval/pairs.jsonl" --ifeval eval/prompts/ifeval_demo.jsonl \
     --raw-sample "Durmin lives in" --chat-sample "Where does Durmin live?" --chat-sample "What is 18 + 10?" \
     --judge-prompts "$RUN/data/raw/dpo_eval.jsonl" --judge "$RUN/sft/model" --reward-judge "$RUN/reward" \
     --judge-against previous

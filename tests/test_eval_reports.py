@@ -158,6 +158,33 @@ def test_compare_writes_csv_report_and_figures_from_one_call(runs, capsys):
         main([str(runs / "lora"), "--out", str(out)])
 
 
+def test_compare_measures_several_named_pair_sets(runs, tmp_path):
+    import csv
+    import sys
+
+    from eval.compare import load_for_eval, preference_accuracy, read_entry
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "launch"))
+    from compare import main
+
+    flipped = write_jsonl(tmp_path / "flipped.jsonl", [{"prompt": "Where does Durmin live?",
+                                                        "chosen": "Durmin lives in Saifel.",
+                                                        "rejected": "Durmin lives in Daxsham."}] * 2)
+    out = tmp_path / "report"
+    assert main([str(runs / "lora"), "--out", str(out), "--pairs", f"made_up={runs / 'pairs.jsonl'}",
+                 "--pairs", f"own-answers={flipped}"]) == 0
+    row = next(csv.DictReader((out / "comparison.csv").open()))
+    model, tokenizer = load_for_eval(read_entry(runs / "lora", "x"))
+    for name, file in (("made_up", runs / "pairs.jsonl"), ("own-answers", flipped)):
+        direct = preference_accuracy(model, tokenizer, file)
+        assert float(row[f"pref_accuracy/{name}"]) == pytest.approx(direct["pref_accuracy"])
+        assert float(row[f"pref_margin/{name}"]) == pytest.approx(direct["pref_margin"], abs=1e-4)
+    # The same pair flipped: exactly one of the two sets is preferred.
+    assert float(row["pref_accuracy/made_up"]) + float(row["pref_accuracy/own-answers"]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="expected FILE or NAME=FILE"):
+        main([str(runs / "lora"), "--out", str(tmp_path / "o"), "--pairs", f"bad name={flipped}"])
+
+
 def test_compare_bad_input_is_one_line(runs, tmp_path):
     import sys
     sys.path.insert(0, str(Path(__file__).parents[1] / "launch"))
