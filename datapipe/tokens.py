@@ -18,10 +18,16 @@ gets after pickling (local workers, Slurm jobs) share one cache.
 """
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from datatrove.utils.word_tokenizers import SpaCyTokenizer, WordTokenizer, load_word_tokenizer, strip_strings
+from datatrove.utils.word_tokenizers import (
+    SpaCyTokenizer,
+    WordTokenizer,
+    load_word_tokenizer,
+    strip_strings,
+)
 
 # Texts remembered per process: a document passes every stream step of a stage before the next is
 # read, so a handful covers one document's variants (raw, C4-trimmed, MinHash-simplified, ...).
@@ -47,7 +53,7 @@ class _ProcessState:
 
     def _tokenizer(self):
         if self.nlp is None or len(self.nlp.vocab) > self.max_lexemes:
-            import spacy
+            spacy = import_spacy()
             from spacy.pipeline import Sentencizer
 
             # The tokenizer datatrove's SpaCyTokenizer builds for a language without a custom config.
@@ -101,6 +107,27 @@ class _ProcessState:
 
 
 _STATES: dict[tuple[str, int], _ProcessState] = {}
+
+
+def import_spacy():
+    """spaCy, imported without torch where torch is not loaded yet.
+
+    Its tokenizer needs no torch, but thinc imports torch eagerly when it is installed: seconds (more
+    than half of `import spacy`) that each run pays again in its worker server before the first
+    task. A `None` entry in sys.modules makes that import fail the way thinc expects when torch is
+    absent; it is removed right after, so the process can still import torch itself (for example
+    the perplexity step), only thinc's own torch bridge stays off.
+    """
+    if "spacy" in sys.modules or "torch" in sys.modules:
+        import spacy
+
+        return spacy
+    sys.modules["torch"] = None
+    try:
+        import spacy
+    finally:
+        del sys.modules["torch"]
+    return spacy
 
 
 class SharedTokenizer(WordTokenizer):

@@ -98,3 +98,31 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     assert set(report["figures"]["sft"]["contenders"]) == {"ours_packed", "trl_packed"}
     assert set(report["figures"]["dpo"]["contenders"]) == {"adapter", "trl"}
     assert report["goals"]["pretrain_mfu"]["ours"] == pretrain["ours"]["mfu"]
+
+
+def _has_commit(rev: str) -> bool:
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(REPO_ROOT), "cat-file", "-e", f"{rev}^{{commit}}"],
+                          capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.skipif(not _has_commit("887f7a7"), reason="needs the repository's history (commit 887f7a7)")
+def test_clean_bench_takes_the_older_pipeline_from_git(tmp_path):
+    from bench.bench_clean_data import extract_tree
+
+    tree = extract_tree("887f7a7", tmp_path / "before")
+    assert (tree / "datapipe" / "run.py").is_file()
+    assert not (tree / "datapipe" / "tokens.py").exists()  # shared tokenization came after it
+    with pytest.raises(SystemExit, match="--before no-such-rev"):
+        extract_tree("no-such-rev", tmp_path / "bad")
+
+
+def test_clean_bench_counts_decision_differences():
+    from bench.bench_clean_data import compare_decisions
+
+    a = {"kept": {"1": "x", "2": "y"}, "removed": {"language": ["3:other_language"]}}
+    b = {"kept": {"1": "x"}, "removed": {"language": ["3:other_language"], "minhash_dedup": ["2:near_duplicate"]}}
+    assert compare_decisions(a, a, ("shared", "before")) == []
+    assert compare_decisions(a, b, ("shared", "before")) == [
+        "kept documents differ (1 id/text pairs)", "minhash_dedup: removed differ (only shared 0, only before 1)"]

@@ -31,7 +31,7 @@ def read_jsonl_folder(folder: Path) -> list[dict]:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
 
 
@@ -71,6 +71,41 @@ def test_one_parse_per_text_and_vocabulary_bound():
 def test_shared_only_where_datatrove_uses_plain_spacy():
     assert isinstance(shared_or_stock("en"), SharedTokenizer)
     assert shared_or_stock("not-a-language") == "not-a-language"
+
+
+def test_windowed_language_id_equals_py3langid():
+    """Same feature counts in the same order, hence the same (language, score), as py3langid's own walk."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier, visit_counts
+
+    from datapipe.lid import load_identifier
+
+    ours = load_identifier()
+    theirs = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    rng = random.Random(0)
+    texts = [r["text"] for r in web_corpus(seed=3)[::5]] + TRICKY
+    texts += ["Der schnelle braune Fuchs springt. Привет, мир!", "SHOUTING TEXT IS LOWERED", "x" * 5000]
+    texts += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))).decode("utf-8", "replace")
+              for _ in range(40)]
+    for text in texts:
+        data = theirs._encode(text)
+        expected = visit_counts(theirs.tk_nextmove, theirs._rowbase, theirs.tk_output, data) or {}
+        assert list(ours._visits(data).items()) == list(expected.items()), text[:80]
+        assert ours.classify(text) == theirs.classify(text), text[:80]
+
+
+def test_trie_depth_is_the_longest_shortest_path():
+    import numpy as np
+
+    from datapipe.lid import trie_depth
+
+    # a chain 0 -a-> 1 -a-> 2 -a-> 3; any other byte (and every byte from 3) goes back to 0
+    rowbase = np.arange(4) * 256
+    nextmove = np.zeros(4 * 256, np.uint32)
+    for state in range(3):
+        nextmove[state * 256 + ord("a")] = state + 1
+    assert trie_depth(nextmove, rowbase) == 3
+    nextmove[ord("b")] = 3  # a shortcut: 3 is one byte from the start
+    assert trie_depth(nextmove, rowbase) == 2
 
 
 @pytest.mark.slow
@@ -223,8 +258,8 @@ def test_classifier_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n\n")
     out = str(tmp_path / "m")
     assert _train_cli(capsys, "--positive", str(tmp_path / "good.jsonl"), "--negative", str(tmp_path / "empty.txt"),
-                      "--out", out) == (2, "error: negative examples: 0 found; a classifier needs at least 2 of each "
-                                           "class (both good and bad examples)")
+                      "--out", out) == (2, ("error: negative examples: 0 found; a classifier needs at least 2 of "
+                                                "each class (both good and bad examples)"))
     assert not (tmp_path / "m").exists()
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')
     assert _train_cli(capsys, "--positive", str(tmp_path / "good.jsonl"), "--negative", str(tmp_path / "bad.jsonl"),
