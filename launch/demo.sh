@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on a laptop CPU, on data this project generates itself (no downloads):
 # demo data -> tokenizer -> token shards -> pretraining -> LoRA SFT (before/after generations)
-# -> merged export -> DPO (held-out preference accuracy before/after) -> a reward model on the same pairs
+# -> merged export -> DPO (held-out preference accuracy before/after) -> a reward model on reward pairs
 # -> a comparison report of base, SFT and DPO (launch/compare.py).
 # (No GRPO stage: on this demo it does not raise held-out accuracy; docs/rl.md#figures.)
 # Everything lands under runs/demo/ (override with RUN=...). A few minutes on 2 cores.
@@ -49,11 +49,11 @@ rm -rf "$RUN/dpo"
     "dpo.train_files=[$RUN/data/raw/dpo.jsonl]" "dpo.val_files=[$RUN/data/raw/dpo_eval.jsonl]" \
     train.output_dir="$RUN/dpo"
 
-step "8. reward model: a score head on the SFT model's trunk, LoRA, the same pairs (held-out accuracy before -> after)"
+step "8. reward model: a score head on the SFT model's trunk, LoRA, the reward pairs (held-out accuracy before -> after)"
 rm -rf "$RUN/reward"
 "${LAUNCH[@]}" launch/reward.py --config configs/demo_reward_cpu.yaml \
     model.init_from="$RUN/sft/model" \
-    "reward.train_files=[$RUN/data/raw/dpo.jsonl]" "reward.val_files=[$RUN/data/raw/dpo_eval.jsonl]" \
+    "reward.train_files=[$RUN/data/raw/reward.jsonl]" "reward.val_files=[$RUN/data/raw/reward_eval.jsonl]" \
     train.output_dir="$RUN/reward"
 
 step "9. what each stage did: base -> SFT -> DPO side by side (raw-text facts, sums, chat answers, held-out pairs)"
