@@ -2,7 +2,7 @@
 # The whole pipeline on a laptop CPU, on data this project generates itself (no downloads):
 # demo data -> tokenizer -> token shards -> pretraining -> LoRA SFT (before/after generations)
 # -> merged export -> preference tuning on the SFT model's own wrong answers (held-out accuracy before/after)
-# -> a reward model on the made-up correct/wrong pairs
+# -> a reward model on reward pairs (a wrong value, an answer about something else, an answer that runs on)
 # -> a comparison report of base, SFT and DPO with the reward model and a pairwise judge (launch/compare.py).
 # (No GRPO stage: on this demo it does not raise held-out accuracy; docs/rl.md#figures.)
 # Everything lands under runs/demo/ (override with RUN=...). A few minutes on 2 cores.
@@ -55,11 +55,11 @@ done
     "dpo.train_files=[$RUN/onpolicy/dpo/pairs.jsonl]" "dpo.val_files=[$RUN/onpolicy/dpo_eval/pairs.jsonl]" \
     train.output_dir="$RUN/dpo"
 
-step "8. reward model: a score head on the SFT model's trunk, LoRA, the same pairs (held-out accuracy before -> after)"
+step "8. reward model: a score head on the SFT model's trunk, LoRA, the reward pairs (held-out accuracy before -> after)"
 rm -rf "$RUN/reward"
 "${LAUNCH[@]}" launch/reward.py --config configs/demo_reward_cpu.yaml \
     model.init_from="$RUN/sft/model" \
-    "reward.train_files=[$RUN/data/raw/dpo.jsonl]" "reward.val_files=[$RUN/data/raw/dpo_eval.jsonl]" \
+    "reward.train_files=[$RUN/data/raw/reward.jsonl]" "reward.val_files=[$RUN/data/raw/reward_eval.jsonl]" \
     train.output_dir="$RUN/reward"
 
 step "9. what each stage did: base -> SFT -> DPO side by side (raw-text facts, sums, chat answers, held-out pairs, judges)"

@@ -268,3 +268,26 @@ def test_demo_data_is_seeded_small_and_true(tmp_path):
     # Held-out questions are about facts that are not asked in the training split.
     train_prompts = {r["prompt"] for r in rows("dpo.jsonl")}
     assert not train_prompts & {r["prompt"] for r in rows("dpo_eval.jsonl")}
+
+
+def test_demo_reward_pairs_add_judgeable_rejections():
+    """reward.jsonl: per question the DPO pair, an answer about something else (another name, other operands)
+    and the right answer running on; the held-out split asks about the same facts as dpo_eval.jsonl."""
+    from trainer.data.demo_corpus import build_demo_data
+
+    data = build_demo_data(seed=0, n_pretrain_docs=50)
+    dpo = {(r["prompt"], r["chosen"], r["rejected"]) for r in data["dpo"]}
+    kinds = {"value": 0, "run_on": 0, "off_topic": 0}
+    for r in data["reward"]:
+        assert r["chosen"] != r["rejected"]
+        if (r["prompt"], r["chosen"], r["rejected"]) in dpo:
+            kinds["value"] += 1
+        elif r["rejected"].startswith(r["chosen"] + " "):
+            kinds["run_on"] += 1
+        else:
+            kinds["off_topic"] += 1
+            name = r["prompt"].split()[-1].rstrip("?.").removesuffix("'s")
+            if r["chosen"].startswith(name):  # a fact: the rejected answer names someone else
+                assert not r["rejected"].startswith(name)
+    assert kinds["value"] == kinds["run_on"] == kinds["off_topic"] == len(data["dpo"])
+    assert {r["prompt"] for r in data["reward_eval"]} == {r["prompt"] for r in data["dpo_eval"]}

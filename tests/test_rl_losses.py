@@ -137,3 +137,40 @@ def test_masked_whiten_uses_only_masked_entries():
     expected = (kept - kept.mean()) / torch.sqrt(kept.var() + 1e-8)
     assert torch.allclose(masked_whiten(x, mask)[mask.bool()], expected, atol=1e-6)
     assert torch.allclose(masked_whiten(x, mask, shift_mean=False)[mask.bool()], expected + kept.mean(), atol=1e-6)
+
+
+class _Ranks:
+    """`n` threads standing in for ranks: `all_sum(rank)` sums a tensor over them, as a collective would."""
+
+    def __init__(self, n: int):
+        import threading
+
+        self.barrier, self.slots = threading.Barrier(n), [None] * n
+
+    def all_sum(self, rank: int):
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = t.clone()
+            self.barrier.wait()
+            total = sum(self.slots)
+            self.barrier.wait()  # nobody overwrites a slot before every rank has read them all
+            return total
+        return reduce
+
+    def run(self, fn, *shares):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(shares)) as pool:
+            return list(pool.map(lambda i: fn(shares[i], self.all_sum(i)), range(len(shares))))
+
+
+def test_masked_whiten_over_ranks_equals_the_whole_buffer():
+    """Each rank whitens its own rows with the statistics of every rank's rows together: the same numbers as
+    whitening the whole buffer at once, not as each share on its own."""
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0], [9.0, 0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    whole = masked_whiten(x, mask)
+    parts = _Ranks(2).run(lambda rows, all_sum: masked_whiten(x[rows], mask[rows], all_sum=all_sum),
+                          slice(0, 1), slice(1, 3))
+    assert torch.allclose(torch.cat(parts)[mask.bool()], whole[mask.bool()], atol=1e-6)
+    alone = masked_whiten(x[1:], mask[1:])
+    assert not torch.allclose(alone[mask[1:].bool()], whole[1:][mask[1:].bool()], atol=1e-3)

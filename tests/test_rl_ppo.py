@@ -11,6 +11,7 @@ import torch
 
 from tests.sft_fixtures import tiny_model
 from tests.test_rl import _config, _run, _train_rows, work  # noqa: F401  (work: the shared RL fixture)
+from tests.test_rl_losses import _Ranks
 from trainer.objectives import IGNORE_INDEX
 from trainer.rl.losses import ppo_advantages
 from trainer.rl.objective import logps_and_values, per_token_logps
@@ -54,11 +55,13 @@ def _plain_targets(model, ref, prompts, completions, scores, *, temperature, bet
     return rows
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("whiten_rewards", [False, True])
-def test_ppo_rollout_targets_equal_a_plain_loop(whiten_rewards):
+def test_ppo_rollout_targets_equal_a_plain_loop(whiten_rewards, ranks):
     """Rows of different prompt and completion lengths (so the completion tokens start at different
     columns): log-probs and values from one forward, rewards with the score on each last token minus the
-    per-token KL penalty, GAE and whitening, all equal to the one-token-at-a-time loop."""
+    per-token KL penalty, GAE and whitening, all equal to the one-token-at-a-time loop. On 2 ranks (row 0 on
+    one, rows 1-2 on the other) the whitening is over the whole buffer, as the loop over all rows does."""
     model, ref = tiny_model(64, seed=0).eval(), tiny_model(64, seed=1).eval()
     add_value_head(model)
     torch.nn.init.normal_(model.value_head.weight, std=0.5)  # a trained head: values that matter
@@ -71,8 +74,14 @@ def test_ppo_rollout_targets_equal_a_plain_loop(whiten_rewards):
         logps, _, values = logps_and_values(model, batch["input_ids"], batch["labels"], temperature=0.7)
         ref_logps, _ = per_token_logps(ref, batch["input_ids"], batch["labels"], temperature=0.7)
         mask = batch["labels"] != IGNORE_INDEX
-        rewards, advantages, returns = ppo_advantages(scores, logps, ref_logps, values, mask, **{
-            k: v for k, v in knobs.items() if k != "temperature"})
+        args = {k: v for k, v in knobs.items() if k != "temperature"}
+        if ranks == 1:
+            rewards, advantages, returns = ppo_advantages(scores, logps, ref_logps, values, mask, **args)
+        else:
+            shares = _Ranks(2).run(lambda rows, all_sum: ppo_advantages(
+                scores[rows], logps[rows], ref_logps[rows], values[rows], mask[rows], all_sum=all_sum, **args),
+                slice(0, 1), slice(1, 3))
+            rewards, advantages, returns = (torch.cat(parts) for parts in zip(*shares))
         expected = _plain_targets(model, ref, prompts, completions, scores.tolist(), **knobs)
     for b, (p, steps) in enumerate(zip(prompts, expected)):
         for j, step in enumerate(steps):
@@ -161,3 +170,57 @@ def test_ppo_two_ranks_zero3(work):  # noqa: F811
     assert train[1]["kl"] != 0  # step 2 sampled with updated weights, scored against the untouched copy
     head = load_file(out / "value_head" / "value_head.safetensors")["weight"]
     assert head.shape == (1, 32) and head.abs().sum() > 0
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_per_token_figures_are_global_token_means(algorithm):
+    """Entropy, KL, clip fractions (and PPO's values): summed per token with their token count, so the
+    loop's sums over micro-batches (or ranks) give the mean over every completion token of the step, not a
+    mean of per-completion (or per-rank) means. Rows of 2, 4 and 1 tokens, split 1 + 2 as two ranks."""
+    from trainer.loop import summarize
+    from trainer.rl.config import RLSection
+    from trainer.rl.objective import GRPOObjective, PPOObjective
+
+    model = tiny_model(64, seed=0).eval()
+    add_value_head(model)
+    torch.nn.init.normal_(model.value_head.weight, std=0.5)
+    batch = training_rows([np.array([5, 9, 11]), np.array([7]), np.array([3, 4, 5, 6])],
+                          [np.array([20, 21]), np.array([30, 31, 32, 33]), np.array([40])], pad_id=0)
+    mask = batch["labels"] != IGNORE_INDEX
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        logps, entropy, values = logps_and_values(model, batch["input_ids"], batch["labels"], temperature=0.7,
+                                                  entropy=True)
+
+    def noise():
+        return torch.randn(mask.shape, generator=gen) * mask
+
+    batch.update(old_logps=logps + 0.3 * noise(), ref_logps=logps + noise(), old_values=values + noise(),
+                 returns=noise(), advantages=noise() if algorithm == "ppo" else torch.tensor([1.0, -1.0, 0.5]),
+                 rewards=torch.tensor([1.0, 0.0, 0.5]))
+    rl = RLSection(algorithm=algorithm, temperature=0.7, epsilon=0.1, beta=0.04, reference="resident")
+    objective = (PPOObjective if algorithm == "ppo" else GRPOObjective)(rl)
+    totals: dict[str, float] = {}
+    for rows in (slice(0, 1), slice(1, 3)):
+        with torch.no_grad():
+            _, stats = objective(model, {k: v[rows] for k, v in batch.items()})
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    got = summarize(totals)
+
+    def token_mean(x):
+        return float((x * mask).sum() / mask.sum())
+
+    kl = batch["old_logps"] - batch["ref_logps"] if algorithm == "ppo" else (
+        torch.exp(batch["ref_logps"] - logps) - (batch["ref_logps"] - logps) - 1)
+    assert got["entropy"] == pytest.approx(token_mean(entropy), rel=1e-5)
+    assert got["kl"] == pytest.approx(token_mean(kl), rel=1e-4, abs=1e-6)
+    assert got["response_length"] == pytest.approx(7 / 3)
+    completion_means = float(((kl * mask).sum(1) / mask.sum(1)).mean())
+    assert got["kl"] != pytest.approx(completion_means, rel=1e-3)  # the old per-completion figure
+    if algorithm == "ppo":
+        assert got["value"] == pytest.approx(token_mean(values), rel=1e-5)
+        ratio = torch.exp(logps - batch["old_logps"])
+        clipped = (-batch["advantages"] * ratio.clamp(0.9, 1.1)) > (-batch["advantages"] * ratio)
+        assert got["clip_fraction"] == pytest.approx(token_mean(clipped.float()), abs=1e-6)
+        assert 0 < got["clip_fraction"] < 1

@@ -79,11 +79,16 @@ def _any_rank_true(accelerator: Accelerator, flag: bool) -> bool:
 
 
 def summarize(totals: dict[str, float]) -> dict[str, float]:
-    """Turn summed statistics into means: `x_sum`/`tokens` for token-weighted ones, `x_sum`/`count` otherwise."""
+    """Turn summed statistics into means: `x_sum`/`x_count` where the objective gives a figure its own
+    denominator (RL's per-token means beside its per-completion ones), else `x_sum`/`tokens` for
+    token-weighted ones and `x_sum`/`count` otherwise."""
     out = {}
     for key, value in totals.items():
         if key.endswith("_sum"):
             name = key.removesuffix("_sum")
+            if f"{name}_count" in totals:
+                out[name] = value / max(totals[f"{name}_count"], 1e-12)
+                continue
             denom = totals.get("count")
             if name == "loss":
                 # An objective whose targets are weighted reports their total weight as `loss_normalizer`.

@@ -196,12 +196,13 @@ def _qa_groups(world: World, rng: random.Random) -> list[list[dict]]:
         for attr in ATTRIBUTES:
             right = _fact_answer(p, attr, getattr(p, attr))
             groups.append([{"prompt": q, "chosen": right,
-                            "rejected": _fact_answer(p, attr, _wrong_value(world, p, attr, rng))}
+                            "rejected": _fact_answer(p, attr, _wrong_value(world, p, attr, rng)),
+                            "person": p, "attr": attr}
                            for q in _fact_questions(p, attr)])
     for x in range(0, 21):
         for y in range(0, 21, 2):
             groups.append([{"prompt": q, "chosen": f"{x} + {y} = {x + y}.",
-                            "rejected": f"{x} + {y} = {x + y + rng.choice([-2, -1, 1, 2, 10])}."}
+                            "rejected": f"{x} + {y} = {x + y + rng.choice([-2, -1, 1, 2, 10])}.", "sum": (x, y)}
                            for q in (f"What is {x} + {y}?", f"Add {x} and {y}.")])
     for start in range(0, 30, 2):
         stop = start + rng.randint(3, 8)
@@ -211,6 +212,35 @@ def _qa_groups(world: World, rng: random.Random) -> list[list[dict]]:
         groups.append([{"prompt": f"Count from {start} to {stop}.", "chosen": ", ".join(map(str, seq)) + ".",
                         "rejected": ", ".join(map(str, broken)) + "."}])
     return groups
+
+
+def _reward_pairs(world: World, items: list[dict], rng: random.Random) -> list[dict]:
+    """Three pairs per question for the reward model: the DPO pair (a wrong value), an answer about
+    something else (another person's name, other operands: a true statement that does not answer the
+    question) and the right answer running on into an unrelated sentence. The last two are what the
+    SFT model gets wrong and a small model can check against the question; a wrong value mostly is not
+    (judging it takes knowing the fact or doing the sum), so those pairs alone leave a reward model at chance."""
+    pairs = []
+    for item in items:
+        pairs.append(_as_dpo(item))
+        other = rng.choice([p for p in world.people if p is not item.get("person")])
+        if "person" in item:
+            p, attr = item["person"], item["attr"]
+            off_topic = _fact_answer(other, attr, getattr(p, attr))
+        elif "sum" in item:
+            x, y = item["sum"]
+            x2 = rng.choice([v for v in range(21) if v != x])
+            off_topic = f"{x2} + {y} = {x2 + y}."
+        else:  # counting: the same run shifted
+            seq = [int(n) for n in item["chosen"].rstrip(".").split(", ")]
+            shift = rng.choice([1, 2, 3])
+            off_topic = ", ".join(str(n + shift) for n in seq) + "."
+        pairs.append({"prompt": item["prompt"], "chosen": item["chosen"], "rejected": off_topic})
+        attr = rng.choice(ATTRIBUTES)
+        run_on = _fact_answer(other, attr, getattr(other, attr))
+        pairs.append({"prompt": item["prompt"], "chosen": item["chosen"], "rejected": f"{item['chosen']} {run_on}"})
+    rng.shuffle(pairs)
+    return pairs
 
 
 def _as_sft(item: dict) -> dict:
@@ -247,6 +277,9 @@ def build_demo_data(seed: int = 0, n_pretrain_docs: int = 8000, n_people: int = 
         "sft_eval": [_as_sft(i) for i in held],
         "dpo": [_as_dpo(i) for i in kept],
         "dpo_eval": [_as_dpo(i) for i in held],
+        # Drawn after everything above from their own generator: the other files do not change.
+        "reward": _reward_pairs(world, kept, random.Random(f"reward-{seed}")),
+        "reward_eval": _reward_pairs(world, held, random.Random(f"reward-eval-{seed}")),
         "world": [asdict(p) for p in world.people],
     }
 

@@ -18,10 +18,12 @@ value loss, each checked against a plain loop in the tests.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+AllSum = Callable[[torch.Tensor], torch.Tensor]  # a tensor summed over ranks (the identity on one)
 NORMALIZATIONS = ("grpo", "dapo", "dr_grpo")
 
 
@@ -91,13 +93,16 @@ def normalizer_count(mask: torch.Tensor, normalization: str, max_new_tokens: int
 
 # --- PPO ------------------------------------------------------------------------------------------------------
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  all_sum: AllSum | None = None) -> torch.Tensor:
     """(x - mean) / sqrt(var + 1e-8) over the masked entries (unbiased variance); the mean is added back
-    when `shift_mean` is False (rewards keep their sign, as in the InstructGPT recipe)."""
+    when `shift_mean` is False (rewards keep their sign, as in the InstructGPT recipe). `all_sum` sums a
+    tensor over ranks, so that the statistics are those of the whole buffer, every rank's rows together."""
+    all_sum = all_sum or (lambda t: t)
     mask = mask.to(values.dtype)
-    n = mask.sum()
-    mean = (values * mask).sum() / n
-    var = (((values - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1.0)
+    n, total = all_sum(torch.stack([mask.sum(), (values * mask).sum()])).unbind()
+    mean = total / n
+    var = all_sum((((values - mean) * mask) ** 2).sum()) / (n - 1).clamp(min=1.0)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
 
@@ -141,10 +146,12 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 def ppo_advantages(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor | None,
                    values: torch.Tensor, mask: torch.Tensor, *, beta: float, gamma: float, lam: float,
-                   whiten_rewards: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   whiten_rewards: bool = False, all_sum: AllSum | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A rollout buffer's PPO targets, as TRL's `PPOTrainer` builds them: per-token rewards
     `-beta * (logp - ref_logp)` with the sequence score added on each row's last masked token, optionally
-    whitened (mean kept), then GAE; the advantages are whitened over the buffer's tokens.
+    whitened (mean kept), then GAE; the advantages are whitened over the buffer's tokens. With `all_sum`
+    (a sum over ranks) both whitenings use the statistics of every rank's share of the buffer together.
 
     scores: (B,); logps, ref_logps, values, mask: (B, T). Returns (per-token rewards, advantages, returns)."""
     fmask = mask.to(values.dtype)
@@ -159,7 +166,7 @@ def ppo_advantages(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.T
         raise ValueError("a completion without tokens has no last token to reward")
     rewards[torch.arange(mask.size(0), device=mask.device), last] += scores.to(rewards.dtype)
     if whiten_rewards:
-        rewards = masked_whiten(rewards, fmask, shift_mean=False) * fmask
+        rewards = masked_whiten(rewards, fmask, shift_mean=False, all_sum=all_sum) * fmask
     advantages, returns = gae(rewards, values, fmask, gamma, lam)
-    advantages = masked_whiten(advantages, fmask) * fmask
+    advantages = masked_whiten(advantages, fmask, all_sum=all_sum) * fmask
     return rewards, advantages, returns

@@ -1,8 +1,10 @@
 """The GRPO and PPO objectives for the loop: the policy's per-token log-probs of a rollout micro-batch and the loss.
 
-Statistics are summable: `loss_sum` with its `loss_normalizer` (the loss normalization's count), and
-per-completion figures summed over completions (`count`): reward, advantage, response length, and the
-per-completion token means of KL, entropy and clip fractions.
+Statistics are summable: `loss_sum` with its `loss_normalizer` (the loss normalization's count),
+per-completion figures summed over completions (`count`): reward, advantage, response length, and
+per-token figures (KL, entropy, clip fractions, PPO's losses, values and returns) summed over completion
+tokens with their token count as `<name>_count`, so the loop's global sums give token-weighted means over
+every micro-batch and rank (a long completion weighs as many tokens as it has, as in the loss).
 """
 from __future__ import annotations
 
@@ -55,6 +57,16 @@ def logps_from_hidden(model: nn.Module, h: torch.Tensor, labels: torch.Tensor, *
     return logps, ent
 
 
+def token_sums(fmask: torch.Tensor, **figures: torch.Tensor) -> Stats:
+    """`<name>_sum` over the masked tokens and `<name>_count` (those tokens) for each (B, T) figure."""
+    count = fmask.sum().detach()
+    stats = {}
+    for name, x in figures.items():
+        stats[f"{name}_sum"] = (x.detach().float() * fmask).sum()
+        stats[f"{name}_count"] = count
+    return stats
+
+
 @torch.no_grad()
 def token_entropy(h: torch.Tensor, head: nn.Module) -> torch.Tensor:
     """Entropy of softmax(head(h)) per row of h (N, dim), a chunk of logits at a time; (N,) fp32."""
@@ -90,25 +102,18 @@ class GRPOObjective:
                                    ref_logps=batch.get("ref_logps"))
         loss_sum, normalizer = normalized_loss(losses.loss, mask, r.loss_normalization, r.max_new_tokens)
         fmask = mask.float()
-        lengths = fmask.sum(dim=1)
-
-        def completion_mean(x: torch.Tensor) -> torch.Tensor:  # sum over completions of their token means
-            return ((x.detach().float() * fmask).sum(dim=1) / lengths.clamp(min=1.0)).sum()
-
         stats = {
             "loss_sum": loss_sum.detach(),
             "loss_normalizer": normalizer.detach().float(),
             "count": torch.tensor(float(labels.size(0)), device=labels.device),
             "reward_sum": batch["rewards"].float().sum(),
             "advantage_sum": advantages.float().sum(),
-            "response_length_sum": lengths.sum(),
-            "entropy_sum": completion_mean(entropy),
-            "clip_low_sum": completion_mean(losses.low_clipped),
-            "clip_high_sum": completion_mean(losses.high_clipped),
-            "clip_fraction_sum": completion_mean(losses.low_clipped | losses.high_clipped),
+            "response_length_sum": fmask.sum(),
+            **token_sums(fmask, entropy=entropy, clip_low=losses.low_clipped, clip_high=losses.high_clipped,
+                         clip_fraction=losses.low_clipped | losses.high_clipped),
         }
         if losses.kl is not None:
-            stats["kl_sum"] = completion_mean(losses.kl)
+            stats.update(token_sums(fmask, kl=losses.kl))
         for key, value in batch.items():
             if key.startswith("reward/"):
                 stats[f"{key}_sum"] = value.float().sum()
@@ -137,27 +142,18 @@ class PPOObjective:
         policy_loss, policy_clipped = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], r.epsilon)
         value_loss, value_clipped = ppo_value_loss(values, batch["old_values"], batch["returns"], r.value_clip)
         loss_sum = ((policy_loss + r.vf_coef * value_loss) * fmask).sum()
-        lengths = fmask.sum(dim=1)
-
-        def completion_mean(x: torch.Tensor) -> torch.Tensor:  # sum over completions of their token means
-            return ((x.detach().float() * fmask).sum(dim=1) / lengths.clamp(min=1.0)).sum()
-
         stats = {
             "loss_sum": loss_sum.detach(),
             "loss_normalizer": fmask.sum(),
             "count": torch.tensor(float(labels.size(0)), device=labels.device),
             "reward_sum": batch["rewards"].float().sum(),
-            "response_length_sum": lengths.sum(),
-            "entropy_sum": completion_mean(entropy),
-            "policy_loss_sum": completion_mean(policy_loss),
-            "value_loss_sum": completion_mean(value_loss),
-            "clip_fraction_sum": completion_mean(policy_clipped),
-            "value_clip_fraction_sum": completion_mean(value_clipped),
-            "value_sum": completion_mean(values),
-            "return_sum": completion_mean(batch["returns"]),
+            "response_length_sum": fmask.sum(),
+            **token_sums(fmask, entropy=entropy, policy_loss=policy_loss, value_loss=value_loss,
+                         clip_fraction=policy_clipped, value_clip_fraction=value_clipped, value=values,
+                         **{"return": batch["returns"]}),
         }
         if "ref_logps" in batch:  # the KL the rewards were penalized with (k1 of the sampling policy)
-            stats["kl_sum"] = completion_mean(batch["old_logps"] - batch["ref_logps"])
+            stats.update(token_sums(fmask, kl=batch["old_logps"] - batch["ref_logps"]))
         for key, value in batch.items():
             if key.startswith("reward/"):
                 stats[f"{key}_sum"] = value.float().sum()

@@ -188,7 +188,7 @@ class RolloutLoader:
             _, batch["advantages"], batch["returns"] = ppo_advantages(
                 rewards, batch["old_logps"], batch.get("ref_logps"), batch["old_values"],
                 batch["labels"] != IGNORE_INDEX, beta=r.beta, gamma=r.gamma, lam=r.lam,
-                whiten_rewards=r.whiten_rewards)
+                whiten_rewards=r.whiten_rewards, all_sum=self._all_sum)
         self.model.train(was_training)
         groups = rewards.view(-1, r.num_generations)
         generated = float(sum(len(c) for c in completions))
@@ -199,6 +199,10 @@ class RolloutLoader:
                                                float(groups.size(0)) if r.num_generations > 1 else 0.0, flat],
                                               dtype=torch.float64)
         return batch
+
+    def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over ranks (the buffer is one batch split over them), back on `t`'s device."""
+        return self.accelerator.reduce(t.to(self.accelerator.device), reduction="sum").to(t.device)
 
     def micro_batch(self, index: int) -> Batch:
         """The `index`-th micro-batch handed out from the buffer: epochs repeat the buffer's order."""
