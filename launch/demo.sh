@@ -45,6 +45,7 @@ python launch/export_hf.py --adapter "$RUN/sft/adapter" "$RUN/sft/model"
 
 step "7. preference tuning (ORPO) on the SFT model's own mistakes: it answers the pair questions, each wrong answer is rejected against the correct one (held-out accuracy before -> after)"
 rm -rf "$RUN/onpolicy" "$RUN/dpo"
+mkdir -p "$RUN/onpolicy"
 for split in dpo dpo_eval; do
     python launch/synthesize.py onpolicy --questions "$RUN/data/raw/$split.jsonl" --reference-key chosen \
         --model "$RUN/sft/model" --out "$RUN/onpolicy/$split" --max-tokens 48 --batch-size 64 --chunk-size 256 \
