@@ -139,7 +139,8 @@ def main(argv=None) -> int:
                 responses = C.generate_texts(model, tokenizer, [r["prompt"] for r in ifeval_rows], chat=True,
                                              max_new_tokens=args.max_new_tokens)
                 scored = score(ifeval_rows, responses)
-                notes.append(f"ifeval: checkers {scored.pop('checkers')}")
+                notes.append("ifeval: scored by lm-eval's own checkers" if scored.pop("checkers") == "lm-eval" else
+                             "ifeval: scored by this project's checkers (lm-eval's need NLTK data not present here)")
                 return {f"ifeval/{k}": v for k, v in scored.items()}
             add(entry, attempt(f"{entry.label}: ifeval", ifeval, model, tokenizer))
         if prompts:
