@@ -115,6 +115,32 @@ class TaskSpec:
     checkpoint_files: Optional[Callable[[TaskContext], dict[str, str]]] = None
 
 
+def validation_change(metrics_file: Path, what: str,
+                      figures: Callable[[dict], Iterable[tuple[str, str]]]) -> str | None:
+    """'<what>, step a -> step b: <label> x -> y, ...' between the first and the last validation in the run's
+    metrics.jsonl, or None when it validated fewer than twice. `figures(first_row)` names the (key, label)
+    pairs to show; keys missing from either row are left out."""
+    if not metrics_file.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    val = [r for r in rows if r.get("split") == "val"]
+    if len(val) < 2:
+        return None
+    first, last = val[0], val[-1]
+    parts = [f"{label} {first[key]:.3f} -> {last[key]:.3f}" for key, label in figures(first)
+             if key in first and key in last]
+    return f"{what}, step {first['step']} -> step {last['step']}: " + ", ".join(parts)
+
+
+def print_validation_change(ctx: TaskContext, what: str,
+                            figures: Callable[[dict], Iterable[tuple[str, str]]]) -> None:
+    """Every tuning task closes with the before -> after line of its held-out figures (main process only)."""
+    if ctx.accelerator.is_main_process:
+        line = validation_change(Path(ctx.cfg.train.output_dir) / "metrics.jsonl", what, figures)
+        if line:
+            ctx.accelerator.print(line)
+
+
 def tuning_of(cfg: RunConfig, spec: TaskSpec) -> TuningSection | None:
     return getattr(cfg, spec.tuning_section) if spec.tuning_section else None
 

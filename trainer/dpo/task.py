@@ -11,7 +11,6 @@ Run folder (`train.output_dir`):
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from trainer.dpo.precompute import (cached_reference_logps, compute_reference_lo
                                     pairs_key_parts, reference_cache_key, weights_fingerprint)
 from trainer.dpo.reference import AdapterReference, FrozenCopyReference, PrecomputedReference, frozen_copy
 from trainer.loop import RunResult
-from trainer.task import TaskContext, TaskData, TaskParts, TaskSpec, run_task
+from trainer.task import TaskContext, TaskData, TaskParts, TaskSpec, print_validation_change, run_task
 
 def pad_multiple() -> int:
     """Row lengths rounded up for tensor-core friendly shapes on GPUs; exact on CPU."""
@@ -121,10 +120,9 @@ def build_dpo(ctx: TaskContext, model) -> TaskParts:
 
 
 def print_before_after(ctx: TaskContext, result: RunResult) -> None:
-    if ctx.accelerator.is_main_process:
-        line = before_after(Path(ctx.cfg.train.output_dir) / "metrics.jsonl")
-        if line:
-            ctx.accelerator.print(line)
+    print_validation_change(ctx, "held-out pairs", lambda _: (
+        ("policy_accuracy", "policy prefers chosen"), ("reward_accuracy", "reward accuracy"),
+        ("reward_margin", "reward margin")))
 
 
 DPO = TaskSpec(name="dpo", tuning_section="dpo", check_config=lambda cfg: pair_config_problems(cfg, "dpo"), load_data=load_dpo_data,
@@ -133,18 +131,3 @@ DPO = TaskSpec(name="dpo", tuning_section="dpo", check_config=lambda cfg: pair_c
 
 def run_dpo(cfg: DPOConfig, resume: str | None = None) -> RunResult:
     return run_task(cfg, DPO, resume)
-
-
-def before_after(metrics_file: Path) -> str | None:
-    """'held-out pairs, first -> last validation: ...' from the run's metrics, or None without two validations."""
-    if not metrics_file.is_file():
-        return None
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    val = [r for r in rows if r.get("split") == "val"]
-    if len(val) < 2:
-        return None
-    first, last = val[0], val[-1]
-    figures = [f"{name} {first[key]:.3f} -> {last[key]:.3f}" for key, name in (
-        ("policy_accuracy", "policy prefers chosen"), ("reward_accuracy", "reward accuracy"),
-        ("reward_margin", "reward margin")) if key in first and key in last]
-    return f"held-out pairs, step {first['step']} -> step {last['step']}: " + ", ".join(figures)

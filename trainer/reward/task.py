@@ -8,9 +8,6 @@ LoRA/QLoRA the head trains in full beside the adapter. Outputs: see `trainer.sco
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from trainer.chat import load_chat_tokenizer, template_name
 from trainer.dpo.config import pair_config_problems
 from trainer.dpo.data import load_preference_data
@@ -21,7 +18,7 @@ from trainer.reward.batches import collate_scored_pairs
 from trainer.reward.config import RewardConfig
 from trainer.reward.objective import RewardObjective
 from trainer.scoring import classifier_files, make_classifier, save_classifier_outputs, scoring_config_problems
-from trainer.task import TaskContext, TaskData, TaskParts, TaskSpec, run_task
+from trainer.task import TaskContext, TaskData, TaskParts, TaskSpec, print_validation_change, run_task
 
 REWARD_LABELS = {0: "reward"}
 
@@ -52,16 +49,7 @@ def build_reward(ctx: TaskContext, model) -> TaskParts:
 
 
 def print_before_after(ctx: TaskContext, result: RunResult) -> None:
-    """'held-out pairs, step 0 -> step N: accuracy a -> b, margin ...' when the run validated twice."""
-    metrics_file = Path(ctx.cfg.train.output_dir) / "metrics.jsonl"
-    if not ctx.accelerator.is_main_process or not metrics_file.is_file():
-        return
-    val = [r for r in map(json.loads, metrics_file.read_text().splitlines()) if r.get("split") == "val"]
-    if len(val) >= 2:
-        first, last = val[0], val[-1]
-        ctx.accelerator.print(f"held-out pairs, step {first['step']} -> step {last['step']}: "
-                              f"accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f}, "
-                              f"margin {first['margin']:.3f} -> {last['margin']:.3f}")
+    print_validation_change(ctx, "held-out pairs", lambda _: (("accuracy", "accuracy"), ("margin", "margin")))
 
 
 def save_reward_outputs(ctx: TaskContext, result: RunResult) -> None:

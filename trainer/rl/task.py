@@ -13,7 +13,6 @@ model/ (full tuning, an HF Llama folder) or adapter/ + adapter_hf/ (LoRA/QLoRA);
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from trainer.rl.prompts import Prompt, load_prompts
 from trainer.rl.rewards import RewardFunction, combine, load_reward_functions, reward_model_function, score
 from trainer.rl.rollout import RolloutLoader, cut_at_stop, generation_weights, left_pad, rollout_report
 from trainer.rl.value_head import VALUE_HEAD, add_value_head, save_value_head, split_value_head
-from trainer.task import TaskContext, TaskData, TaskParts, TaskSpec, run_task
+from trainer.task import TaskContext, TaskData, TaskParts, TaskSpec, print_validation_change, run_task
 from trainer.tuning.methods import PRECISION_DTYPES
 from trainer.tuning.save import _write_adapter as write_adapter
 from trainer.tuning.save import adapter_state, gather_trainable_state, to_hf_adapter
@@ -150,18 +149,8 @@ def build_rl(ctx: TaskContext, model: nn.Module) -> TaskParts:
 
 
 def print_before_after(ctx: TaskContext, result: RunResult) -> None:
-    """'held-out prompts, step 0 -> step N: reward a -> b' when the run validated twice."""
-    metrics_file = Path(ctx.cfg.train.output_dir) / "metrics.jsonl"
-    if not ctx.accelerator.is_main_process or not metrics_file.is_file():
-        return
-    val = [r for r in map(json.loads, metrics_file.read_text().splitlines()) if r.get("split") == "val"]
-    if len(val) >= 2:
-        first, last = val[0], val[-1]
-        parts = [f"reward {first['reward']:.3f} -> {last['reward']:.3f}"]
-        parts += [f"{k.removeprefix('reward/')} {first[k]:.3f} -> {last[k]:.3f}" for k in sorted(first)
-                  if k.startswith("reward/") and k in last]
-        ctx.accelerator.print(f"held-out prompts (greedy), step {first['step']} -> step {last['step']}: "
-                              + ", ".join(parts))
+    print_validation_change(ctx, "held-out prompts (greedy)", lambda first: [("reward", "reward")] + [
+        (k, k.removeprefix("reward/")) for k in sorted(first) if k.startswith("reward/")])
 
 
 def add_critic(ctx: TaskContext, base: nn.Module) -> None:
