@@ -36,6 +36,24 @@ class Sampling:
         return asdict(self)
 
 
+@dataclass(kw_only=True)
+class EngineSettings:
+    """How a synthesize command runs its models (magpie, preferences and onpolicy alike)."""
+    chat_template: str = "auto"
+    seed: int = 0
+    batch_size: int = 8
+    chunk_size: int = 20
+    backend: str = "torch"
+    device: str = "auto"
+    bf16: bool = False
+    progress: bool = True
+
+    def check_at_least_one(self, *keys: str) -> None:
+        for key in ("batch_size", "chunk_size", *keys):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+
+
 def item_seed(seed: int, stream: str, index: int) -> int:
     """A 63-bit seed for one item of one stream (instructions, one model's answers, ...)."""
     digest = hashlib.blake2b(f"{seed}:{stream}:{index}".encode(), digest_size=8).digest()

@@ -14,6 +14,7 @@ import torch
 
 from trainer.synthesize.dedup import InstructionDedup
 from trainer.synthesize.engine import (
+    EngineSettings,
     Sampling,
     item_seed,
     load_chat_tokenizer,
@@ -27,31 +28,21 @@ from trainer.synthesize.template import magpie_prefix
 DROP_REASONS = ("empty", "exact", "near")
 
 
-@dataclass
-class MagpieSettings:
+@dataclass(kw_only=True)
+class MagpieSettings(EngineSettings):
     model: str
     out: str
     num_items: int
     tokenizer: str | None = None
-    chat_template: str = "auto"
     system: str | None = None
     instruction_sampling: Sampling = field(
         default_factory=lambda: Sampling(temperature=1.0, top_p=1.0, max_new_tokens=128))
     response_sampling: Sampling | None = field(
         default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=512))
-    seed: int = 0
     near_duplicate: float = 0.8
-    batch_size: int = 8
-    chunk_size: int = 20
-    backend: str = "torch"
-    device: str = "auto"
-    bf16: bool = False
-    progress: bool = True
 
     def check(self) -> None:
-        for key in ("num_items", "batch_size", "chunk_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        self.check_at_least_one("num_items")
         if not 0.0 < self.near_duplicate <= 1.0:
             raise ValueError(f"--near-duplicate {self.near_duplicate} must be in (0, 1]")
 

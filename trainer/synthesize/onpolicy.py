@@ -16,7 +16,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.synthesize.engine import Sampling, load_chat_tokenizer, resolve_device
+from trainer.synthesize.engine import (
+    EngineSettings,
+    Sampling,
+    load_chat_tokenizer,
+    resolve_device,
+)
 from trainer.synthesize.preferences import (
     answer_pass,
     fingerprint,
@@ -31,23 +36,15 @@ SETTINGS_FILE = "onpolicy.json"
 MATCHES = ("exact", "normalized")
 
 
-@dataclass
-class OnPolicySettings:
+@dataclass(kw_only=True)
+class OnPolicySettings(EngineSettings):
     questions: str
     model: str
     out: str
     tokenizer: str | None = None
     reference_key: str = "answer"
     match: str = "exact"
-    chat_template: str = "auto"
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_new_tokens=256))
-    seed: int = 0
-    batch_size: int = 8
-    chunk_size: int = 20
-    backend: str = "torch"
-    device: str = "auto"
-    bf16: bool = False
-    progress: bool = True
 
     # The answer pass is shared with `preferences`, which answers with K models.
     @property
@@ -60,9 +57,7 @@ class OnPolicySettings:
     def check(self) -> None:
         if self.match not in MATCHES:
             raise ValueError(f"--match: one of {', '.join(MATCHES)}, got {self.match!r}")
-        for key in ("batch_size", "chunk_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        self.check_at_least_one()
 
     def recorded(self, fingerprint_: str) -> dict:
         return {"command": "onpolicy", "questions": fingerprint_, "models": [str(Path(self.model).resolve())],

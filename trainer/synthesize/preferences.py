@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from trainer.synthesize.engine import (
+    EngineSettings,
     Sampling,
     item_seed,
     load_chat_tokenizer,
@@ -102,36 +103,26 @@ def fingerprint(files: list[Path]) -> str:
 # ----------------------------------------------------------------------------- settings
 
 
-@dataclass
-class PreferenceSettings:
+@dataclass(kw_only=True)
+class PreferenceSettings(EngineSettings):
     instructions: str
     models: list[str]
     reward_model: str
     out: str
     tokenizers: list[str | None] = field(default_factory=list)
     reward_tokenizer: str | None = None
-    chat_template: str = "auto"
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=512))
-    seed: int = 0
     margin: float = 0.0
-    batch_size: int = 8
     score_batch_size: int = 16
-    chunk_size: int = 20
     max_len: int | None = None
     max_prompt_len: int | None = None
-    backend: str = "torch"
-    device: str = "auto"
-    bf16: bool = False
-    progress: bool = True
 
     def check(self) -> None:
         if len(self.models) < 2:
             raise ValueError(f"--model: at least two models make a pair, got {len(self.models)}")
         if self.tokenizers and len(self.tokenizers) != len(self.models):
             raise ValueError(f"--tokenizer: give one per --model ({len(self.models)}) or none")
-        for key in ("batch_size", "score_batch_size", "chunk_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        self.check_at_least_one("score_batch_size")
 
     def tokenizer_of(self, k: int) -> str | None:
         return self.tokenizers[k] if self.tokenizers else None
