@@ -139,8 +139,9 @@ def setup_seconds(model, ids, mask, args, pack: bool) -> float:
     return min(times)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def prepare(args: argparse.Namespace):
+    """The model both sides load, the prompts and one generate call per side, from the bench's flags
+    (bench/profile_generate.py profiles the same calls)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -151,6 +152,12 @@ def main(argv=None) -> int:
     runners = {"ours": lambda: run_ours(ours, ids, mask, args, 0),
                "ours-module": lambda: run_ours(ours, ids, mask, args, 0, fused=False),
                "transformers": lambda: run_theirs(theirs, ids, mask, args, 0)}
+    return device, dtype, ours, ids, mask, runners
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, dtype, ours, ids, mask, runners = prepare(args)
     tokens = args.batch * args.new_tokens
     warmed: set[str] = set()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.bench_generate import build, parse_args, prompts, run_ours, run_theirs
+from bench.bench_generate import parse_args, prepare
 from bench.profile_pretrain import categorize
 
 
@@ -33,16 +32,7 @@ def main(argv=None) -> int:
     mine, rest = own.parse_known_args(argv)
     side, top = mine.side, mine.top
     args = parse_args(rest)  # bench_generate.py's flags: the same model, prompts and settings
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    with tempfile.TemporaryDirectory(prefix="profile-generate-") as tmp:
-        cfg, ours, theirs = build(args, Path(tmp) / "model", device, dtype)
-    ids, mask = prompts(args, cfg.vocab_size, device)
-    sides = {"ours": lambda: run_ours(ours, ids, mask, args, 0),
-             "ours-module": lambda: run_ours(ours, ids, mask, args, 0, fused=False),
-             "transformers": lambda: run_theirs(theirs, ids, mask, args, 0)}
+    device, dtype, _, _, _, sides = prepare(args)
     print(f"{args.preset}, batch {args.batch}, prompts <= {args.prompt_len}, {args.new_tokens} new tokens, "
           f"{device} {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} thread(s); "
           "operator self time per generated step (prefill included):")
